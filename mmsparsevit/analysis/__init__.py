@@ -1,0 +1,12 @@
+"""Cost analysis: exact FLOP counting, model building for the tools, benchmarking."""
+from .complexity import Complexity, format_count, measure_complexity
+from .flop_counter import FlopCounter, count_parameters, counting_flops
+from .model_builder import (build_model, is_full_model, load_model_spec, select_backbone,
+                            synthetic_batch)
+from .presets import BACKBONE_PRESETS, CURVE_PRESETS
+
+__all__ = [
+    'BACKBONE_PRESETS', 'CURVE_PRESETS', 'Complexity', 'FlopCounter', 'build_model',
+    'count_parameters', 'counting_flops', 'format_count', 'is_full_model', 'load_model_spec',
+    'measure_complexity', 'select_backbone', 'synthetic_batch'
+]
