@@ -1,0 +1,12 @@
+# UperNet 160k, LIT-S: as LIT-Ti (offset convolutions at 0.01x the lr), with the
+# authors' drop-path rate for LIT-S (0.2).
+_base_ = ['./upernet_swin-t_4xb4-160k_ade20k-512x512.py', '../_base_/backbones/lit-s.py']
+custom_imports = dict(imports=['mmsparsevit.models'], allow_failed_imports=False)
+
+model = dict(
+    backbone={{_base_.backbone}},
+    decode_head=dict(in_channels={{_base_.backbone_channels}}),
+    auxiliary_head=dict(in_channels=384))  # stage 3 (stride 16)
+
+optim_wrapper = dict(
+    paramwise_cfg=dict(custom_keys={'conv_offset': dict(lr_mult=0.01)}))
