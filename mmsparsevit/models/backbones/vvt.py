@@ -1,0 +1,514 @@
+# Copyright (c) mmsparsevit contributors. All rights reserved.
+"""Vicinity Vision Transformer (VVT) backbone for dense prediction."""
+import re
+from collections import OrderedDict
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_activation_layer, build_norm_layer
+from mmcv.cnn.bricks.drop import build_dropout
+from mmcv.cnn.bricks.transformer import PatchEmbed
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule, ModuleList
+from mmengine.model.weight_init import constant_init, normal_init, trunc_normal_init
+from mmengine.runner.checkpoint import CheckpointLoader
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmsparsevit.registry import MODELS
+from ..layers.vicinity_attention import VicinityAttention
+
+
+class VVTFFN(BaseModule):
+    """Feed-forward network with a depth-wise 3x3 convolution between the linears.
+
+    Args:
+        embed_dims (int): Input and output channels.
+        hidden_dims (int): Hidden channels.
+        act_cfg (dict): Activation config. Defaults to dict(type='GELU').
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 hidden_dims: int,
+                 act_cfg: dict = dict(type='GELU'),
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.fc1 = nn.Linear(embed_dims, hidden_dims)
+        self.dwconv = nn.Conv2d(hidden_dims, hidden_dims, 3, padding=1, groups=hidden_dims)
+        self.act = build_activation_layer(act_cfg)
+        self.fc2 = nn.Linear(hidden_dims, embed_dims)
+
+    def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        batch, _, _ = x.shape
+        x = self.fc1(x)
+        # A transposed view of (B, N, C) tokens is a channels-last NCHW map: no copy.
+        x = self.dwconv(x.transpose(1, 2).reshape(batch, -1, *hw_shape))
+        x = self.act(x.flatten(2).transpose(1, 2))
+        return self.fc2(x)
+
+
+class VVTBlock(BaseModule):
+    """Pre-norm block: vicinity attention then the convolutional FFN.
+
+    Args:
+        embed_dims (int): Token channels.
+        num_heads (int): Attention heads.
+        mlp_ratio (float): Hidden/embed channel ratio of the FFN.
+        feature_reduction (int): Channel reduction of q, k, v. Defaults to 2.
+        se_ratio (int): Reduction in the feature-preserving gate. Defaults to 1.
+        position_form (str): 'sum' or 'product'. Defaults to 'sum'.
+        drop_path_rate (float): Stochastic depth rate. Defaults to 0.
+        norm_cfg (dict): Norm config. Defaults to dict(type='LN', eps=1e-6).
+        act_cfg (dict): Activation config. Defaults to dict(type='GELU').
+        with_cp (bool): Use activation checkpointing. Defaults to False.
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 mlp_ratio: float,
+                 feature_reduction: int = 2,
+                 se_ratio: int = 1,
+                 position_form: str = 'sum',
+                 drop_path_rate: float = 0.,
+                 norm_cfg: dict = dict(type='LN', eps=1e-6),
+                 act_cfg: dict = dict(type='GELU'),
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.with_cp = with_cp
+        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.attn = VicinityAttention(
+            embed_dims,
+            num_heads,
+            feature_reduction=feature_reduction,
+            se_ratio=se_ratio,
+            position_form=position_form)
+        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.ffn = VVTFFN(embed_dims, int(embed_dims * mlp_ratio), act_cfg=act_cfg)
+        self.drop_path = build_dropout(
+            dict(type='DropPath', drop_prob=drop_path_rate)) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+
+        def _inner_forward(x: Tensor) -> Tensor:
+            x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
+            return x + self.drop_path(self.ffn(self.norm2(x), hw_shape))
+
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
+        return _inner_forward(x)
+
+
+class VVTStage(BaseModule):
+    """Overlapping patch embedding, a sequence of VVT blocks and a LayerNorm.
+
+    Args:
+        in_channels (int): Channels of the input map.
+        embed_dims (int): Token channels of the stage.
+        patch_size (int): Kernel of the patch-embedding convolution.
+        stride (int): Stride of the patch-embedding convolution.
+        depth (int): Number of blocks.
+        block_cfg (dict): Keyword arguments shared by the blocks.
+        drop_path_rates (Sequence[float]): Stochastic depth rate of each block.
+        norm_cfg (dict): Norm config of the blocks and the stage output.
+            Defaults to dict(type='LN', eps=1e-6).
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 embed_dims: int,
+                 patch_size: int,
+                 stride: int,
+                 depth: int,
+                 block_cfg: dict,
+                 drop_path_rates: Sequence[float],
+                 norm_cfg: dict = dict(type='LN', eps=1e-6),
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        # The released models normalise patch embeddings with LayerNorm's default eps.
+        self.patch_embed = PatchEmbed(
+            in_channels=in_channels,
+            embed_dims=embed_dims,
+            kernel_size=patch_size,
+            stride=stride,
+            padding=patch_size // 2,
+            norm_cfg=dict(type='LN'))
+        self.blocks = ModuleList([
+            VVTBlock(embed_dims, drop_path_rate=rate, norm_cfg=norm_cfg, **block_cfg)
+            for rate in drop_path_rates[:depth]
+        ])
+        self.norm = build_norm_layer(norm_cfg, embed_dims)[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map (B, C_in, H, W) to the normalised stage output (B, C, H', W')."""
+        x, hw_shape = self.patch_embed(x)
+        for block in self.blocks:
+            x = block(x, hw_shape)
+        x = self.norm(x)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape).contiguous()
+
+
+@MODELS.register_module()
+class VVT(BaseModule):
+    """Vicinity Vision Transformer.
+
+    A PVTv2-style pyramid of four stages (overlapping patch embeddings 7x7/4 then
+    3x3/2) whose blocks use vicinity attention, a linear attention with a 2-D
+    Manhattan-distance locality prior computed in a reduced feature space
+    (:class:`~mmsparsevit.models.layers.VicinityAttention`). Each stage ends with
+    a LayerNorm whose output is the stage's feature map.
+
+    Paper: `Vicinity Vision Transformer <https://arxiv.org/abs/2206.10552>`_
+    (TPAMI 2023). Inspiration from
+    https://github.com/OpenNLPLab/Vicinity-Vision-Transformer
+
+    Args:
+        arch (str | dict): A preset name (``'tiny'``, ``'small'``, ``'medium'``,
+            ``'large'`` or ``'t'``, ``'s'``, ``'m'``, ``'l'``) or a dict with the keys
+
+            - **embed_dims** (Sequence[int]): channels of each stage.
+            - **depths** (Sequence[int]): blocks of each stage.
+            - **num_heads** (Sequence[int]): attention heads of each stage.
+            - **mlp_ratios** (Sequence[float]): FFN hidden/embed ratio of each stage.
+            - **feature_reductions** (Sequence[int], optional): q/k/v channel
+              reduction of each stage; 2 for every stage if absent.
+            - **se_ratios** (Sequence[int], optional): reduction in the
+              feature-preserving gate of each stage; 1 if absent.
+
+            Defaults to 'tiny'.
+        in_channels (int): Channels of the input image. Defaults to 3.
+        out_indices (Sequence[int] | int): Stages whose outputs are returned
+            (negative indices count from the end). Defaults to (0, 1, 2, 3).
+        frozen_stages (int): ``-1`` freezes nothing, ``0`` the stem (the first
+            patch embedding), ``k > 0`` the first ``k`` stages. Frozen parts stay in
+            eval mode with ``requires_grad=False``. Defaults to -1.
+        norm_eval (bool): Keep every normalization layer in eval mode during
+            training. VVT's LayerNorms have no running statistics, so this only
+            matters for norm layers with running statistics swapped in through
+            ``norm_cfg``-compatible configs; kept for a uniform backbone contract.
+            Defaults to False.
+        drop_path_rate (float): Stochastic depth rate, increased linearly over the
+            blocks. Defaults to 0.1.
+        with_cp (bool): Activation checkpointing per block (saves memory, costs a
+            second forward). Defaults to False.
+        position_form (str): Vicinity term ``'sum'`` (released models) or
+            ``'product'``. Defaults to 'sum'.
+        norm_cfg (dict): Norm of the blocks and stage outputs.
+            Defaults to dict(type='LN', eps=1e-6).
+        act_cfg (dict): FFN activation. Defaults to dict(type='GELU').
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)``
+            loads an official release or a converted checkpoint (an optional
+            ``prefix`` such as ``'backbone.'`` selects a sub-dict); other configs go
+            to mmengine. None uses the authors' initialization. Defaults to None.
+
+    Examples:
+        >>> import torch
+        >>> from mmsparsevit.models import VVT
+        >>> model = VVT(arch='tiny').eval()
+        >>> outs = model(torch.rand(1, 3, 112, 137))
+        >>> [tuple(out.shape) for out in outs]
+        [(1, 96, 28, 35), (1, 160, 14, 18), (1, 320, 7, 9), (1, 512, 4, 5)]
+    """
+
+    arch_zoo = {
+        **dict.fromkeys(['t', 'tiny'], {
+            'embed_dims': (96, 160, 320, 512),
+            'depths': (2, 2, 2, 2),
+            'num_heads': (1, 2, 5, 8),
+            'mlp_ratios': (8, 8, 4, 4)
+        }),
+        **dict.fromkeys(['s', 'small'], {
+            'embed_dims': (96, 160, 320, 512),
+            'depths': (3, 3, 9, 3),
+            'num_heads': (1, 2, 5, 8),
+            'mlp_ratios': (8, 8, 4, 4)
+        }),
+        **dict.fromkeys(['m', 'medium'], {
+            'embed_dims': (96, 160, 320, 512),
+            'depths': (3, 3, 27, 3),
+            'num_heads': (1, 2, 5, 8),
+            'mlp_ratios': (8, 8, 4, 4)
+        }),
+        **dict.fromkeys(['l', 'large'], {
+            'embed_dims': (96, 160, 320, 512),
+            'depths': (4, 4, 36, 4),
+            'num_heads': (1, 2, 5, 8),
+            'mlp_ratios': (4, 4, 4, 4)
+        }),
+    }
+    _required_arch_keys = ('embed_dims', 'depths', 'num_heads', 'mlp_ratios')
+    _optional_arch_defaults = {'feature_reductions': 2, 'se_ratios': 1}
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 drop_path_rate: float = 0.1,
+                 with_cp: bool = False,
+                 position_form: str = 'sum',
+                 norm_cfg: dict = dict(type='LN', eps=1e-6),
+                 act_cfg: dict = dict(type='GELU'),
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self._parse_arch(arch)
+        num_stages = len(self.arch_settings['depths'])
+        self.num_stages = num_stages
+        self.in_channels = in_channels
+        self.out_indices = self._parse_out_indices(out_indices, num_stages)
+        if not -1 <= frozen_stages <= num_stages:
+            raise ValueError(
+                f'frozen_stages must be in [-1, {num_stages}], got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.num_features = tuple(self.arch_settings['embed_dims'])
+
+        depths = self.arch_settings['depths']
+        total_depth = sum(depths)
+        rates = [drop_path_rate * i / max(total_depth - 1, 1) for i in range(total_depth)]
+        self.stages = ModuleList()
+        stage_in_channels = in_channels
+        for i in range(num_stages):
+            block_cfg = dict(
+                num_heads=self.arch_settings['num_heads'][i],
+                mlp_ratio=self.arch_settings['mlp_ratios'][i],
+                feature_reduction=self.arch_settings['feature_reductions'][i],
+                se_ratio=self.arch_settings['se_ratios'][i],
+                position_form=position_form,
+                act_cfg=act_cfg,
+                with_cp=with_cp)
+            self.stages.append(
+                VVTStage(
+                    stage_in_channels,
+                    self.num_features[i],
+                    patch_size=7 if i == 0 else 3,
+                    stride=4 if i == 0 else 2,
+                    depth=depths[i],
+                    block_cfg=block_cfg,
+                    drop_path_rates=rates[sum(depths[:i]):sum(depths[:i + 1])],
+                    norm_cfg=norm_cfg))
+            stage_in_channels = self.num_features[i]
+        self._freeze_stages()
+
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, dict]) -> Dict[str, tuple]:
+        if isinstance(arch, str):
+            if arch.lower() not in cls.arch_zoo:
+                raise KeyError(f'unknown VVT arch {arch!r}; choose one of '
+                               f'{sorted(set(cls.arch_zoo))} or pass a dict')
+            arch = cls.arch_zoo[arch.lower()]
+        elif not isinstance(arch, Mapping):
+            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+        missing = [key for key in cls._required_arch_keys if key not in arch]
+        unknown = sorted(set(arch) - set(cls._required_arch_keys) -
+                         set(cls._optional_arch_defaults))
+        if missing or unknown:
+            raise KeyError(f'custom VVT arch: missing keys {missing}, unknown keys {unknown}; '
+                           f'required {list(cls._required_arch_keys)}, optional '
+                           f'{list(cls._optional_arch_defaults)}')
+        num_stages = len(arch['depths'])
+        settings = {}
+        for key in cls._required_arch_keys + tuple(cls._optional_arch_defaults):
+            value = arch.get(key, (cls._optional_arch_defaults.get(key), ) * num_stages)
+            if isinstance(value, (int, float)) or len(value) != num_stages:
+                raise ValueError(f'custom VVT arch: {key!r} must list one value per stage '
+                                 f'({num_stages} stages from depths), got {value!r}')
+            settings[key] = tuple(value)
+        return settings
+
+    @staticmethod
+    def _parse_out_indices(out_indices: Union[int, Sequence[int]],
+                           num_stages: int) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = (out_indices, )
+        if not isinstance(out_indices, Sequence) or len(out_indices) == 0:
+            raise TypeError(f'out_indices must be an int or a non-empty sequence of ints, '
+                            f'got {out_indices!r}')
+        normalised = []
+        for index in out_indices:
+            if not isinstance(index, int) or not -num_stages <= index < num_stages:
+                raise ValueError(f'out_indices entry {index!r} is out of range for '
+                                 f'{num_stages} stages (valid: {-num_stages}..{num_stages - 1})')
+            normalised.append(index % num_stages)
+        return tuple(sorted(set(normalised)))
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.stages[0].patch_embed, *self.stages[:self.frozen_stages]]
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'VVT':
+        """Switch mode, keeping frozen stages (and norms if ``norm_eval``) in eval."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+                    module.eval()
+        return self
+
+    def init_weights(self) -> None:
+        """Initialise as the authors do, or load ``init_cfg``'s checkpoint."""
+        if self.init_cfg is None:
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    trunc_normal_init(module, std=.02, bias=0.)
+                elif isinstance(module, nn.LayerNorm):
+                    constant_init(module, val=1., bias=0.)
+                elif isinstance(module, nn.Conv2d):
+                    fan_out = module.kernel_size[0] * module.kernel_size[1] * \
+                        module.out_channels // module.groups
+                    normal_init(module, mean=0., std=(2.0 / fan_out)**0.5, bias=0.)
+        elif isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            self._load_pretrained(self.init_cfg['checkpoint'], self.init_cfg.get('prefix'))
+        else:
+            super().init_weights()
+
+    def _load_pretrained(self, filename: str, prefix: Optional[str]) -> None:
+        logger = MMLogger.get_current_instance()
+        checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu', logger=logger)
+        if prefix:
+            state_dict = _unwrap_state_dict(checkpoint)
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            if not state_dict:
+                raise KeyError(f'{filename}: no key starts with prefix {prefix!r}')
+            checkpoint = state_dict
+        state_dict = convert_vvt_checkpoint(checkpoint)
+        check_vvt_state_dict(self, state_dict, source=filename)
+        self.load_state_dict(state_dict, strict=True)
+        logger.info(f'VVT: loaded {len(state_dict)} tensors from {filename}')
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Return the normalised outputs of the stages in ``out_indices``.
+
+        Args:
+            x (Tensor): Images of shape (B, in_channels, H, W), any H, W >= 1.
+
+        Returns:
+            tuple[Tensor]: (B, C_i, H_i, W_i) maps with strides 4, 8, 16, 32
+            (sizes rounded up: ``H_1 = ceil(H / 4)``, then halved rounding up).
+        """
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'VVT expects images of shape (B, {self.in_channels}, H, W) '
+                             f'(in_channels={self.in_channels}), got {tuple(x.shape)}')
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(x)
+            if i == self.out_indices[-1]:
+                break
+        return tuple(outs)
+
+
+_OFFICIAL_KEY_RULES = (
+    (re.compile(r'^patch_embed(\d+)\.proj\.(weight|bias)$'),
+     lambda m: f'stages.{int(m[1]) - 1}.patch_embed.projection.{m[2]}'),
+    (re.compile(r'^patch_embed(\d+)\.norm\.(weight|bias)$'),
+     lambda m: f'stages.{int(m[1]) - 1}.patch_embed.norm.{m[2]}'),
+    (re.compile(r'^block(\d+)\.(\d+)\.(norm1|norm2)\.(weight|bias)$'),
+     lambda m: f'stages.{int(m[1]) - 1}.blocks.{m[2]}.{m[3]}.{m[4]}'),
+    (re.compile(r'^block(\d+)\.(\d+)\.attn\.([qkv]_proj|out_proj)\.(weight|bias)$'),
+     lambda m: f'stages.{int(m[1]) - 1}.blocks.{m[2]}.attn.{m[3]}.{m[4]}'),
+    (re.compile(r'^block(\d+)\.(\d+)\.attn\.se_fc\.([02])\.weight$'),
+     lambda m: f'stages.{int(m[1]) - 1}.blocks.{m[2]}.attn.'
+     f'{"se_reduce" if m[3] == "0" else "se_expand"}.weight'),
+    (re.compile(r'^block(\d+)\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$'),
+     lambda m: f'stages.{int(m[1]) - 1}.blocks.{m[2]}.ffn.{m[3]}.{m[4]}'),
+    (re.compile(r'^block(\d+)\.(\d+)\.mlp\.dwconv\.dwconv\.(weight|bias)$'),
+     lambda m: f'stages.{int(m[1]) - 1}.blocks.{m[2]}.ffn.dwconv.{m[3]}'),
+    (re.compile(r'^norm(\d+)\.(weight|bias)$'), lambda m: f'stages.{int(m[1]) - 1}.norm.{m[2]}'),
+)
+
+
+def _unwrap_state_dict(checkpoint: Mapping) -> Mapping[str, Tensor]:
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}')
+    for wrapper in ('state_dict', 'model'):
+        if isinstance(checkpoint.get(wrapper), Mapping):
+            return checkpoint[wrapper]
+    return checkpoint
+
+
+def convert_vvt_checkpoint(checkpoint: Mapping) -> 'OrderedDict[str, Tensor]':
+    """Convert an official VVT checkpoint to the :class:`VVT` key layout.
+
+    Pure function: the input is not modified and no file is read.
+
+    Args:
+        checkpoint (Mapping): The authors' state dict, at the top level or under
+            ``'model'`` / ``'state_dict'``. The ImageNet head (``head.*``) is
+            dropped and a ``module.`` prefix (DataParallel) is removed. A state
+            dict already in this package's layout is returned unchanged.
+
+    Returns:
+        OrderedDict[str, Tensor]: State dict loadable by :class:`VVT`.
+
+    Raises:
+        KeyError: If a key is neither an official VVT key nor one of ours,
+            e.g. the checkpoint of another architecture.
+    """
+    state_dict = _unwrap_state_dict(checkpoint)
+    if state_dict and all(key.startswith('module.') for key in state_dict):
+        state_dict = {key[len('module.'):]: value for key, value in state_dict.items()}
+    converted = OrderedDict()
+    unknown = []
+    for key, value in state_dict.items():
+        if key.startswith('head.'):
+            continue
+        if key.startswith('stages.'):
+            converted[key] = value
+            continue
+        for pattern, rename in _OFFICIAL_KEY_RULES:
+            match = pattern.match(key)
+            if match:
+                converted[rename(match)] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f'not a VVT checkpoint: {len(unknown)} unrecognised keys, e.g. '
+                       f'{unknown[:8]}')
+    return converted
+
+
+def check_vvt_state_dict(model: nn.Module,
+                         state_dict: Mapping[str, Tensor],
+                         source: str = 'the checkpoint') -> None:
+    """Raise if ``state_dict`` does not match ``model`` key for key and shape for shape.
+
+    Args:
+        model (nn.Module): The :class:`VVT` to be loaded.
+        state_dict (Mapping[str, Tensor]): A state dict in :class:`VVT` layout.
+        source (str): Name of the checkpoint used in the message.
+            Defaults to 'the checkpoint'.
+
+    Raises:
+        ValueError: Naming the missing and unexpected keys and the shape
+            mismatches (a checkpoint of another VVT architecture).
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}'
+        for key, value in state_dict.items()
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape)
+    ]
+    if missing or unexpected or mismatched:
+        arch = getattr(model, 'arch_settings', None)
+        raise ValueError(
+            f'{source} does not match VVT {arch}: {len(missing)} missing keys '
+            f'{missing[:6]}, {len(unexpected)} unexpected keys {unexpected[:6]}, '
+            f'{len(mismatched)} shape mismatches {mismatched[:6]}')

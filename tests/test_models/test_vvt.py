@@ -1,0 +1,379 @@
+"""VVT backbone: presets, contract, errors, checkpoint conversion and faithfulness.
+
+Faithfulness is checked against ``OfficialVVT`` below, an independent transcription of
+the authors' model (OpenNLPLab/Vicinity-Vision-Transformer, classification/vvt.py) that
+uses their parameter names, so its state dict has the official checkpoint layout.
+"""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmsparsevit.models import VVT
+from mmsparsevit.models.backbones.vvt import check_vvt_state_dict, convert_vvt_checkpoint
+from mmsparsevit.registry import MODELS
+
+SMALL_ARCH = dict(
+    embed_dims=(16, 24, 32, 48), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 3),
+    mlp_ratios=(2, 2, 4, 2))
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def bound(t):
+    """The authors' magnitude clamp: |t| kept in [1e-4, 1e4], sign kept."""
+    return torch.sign(t) * torch.clamp(torch.abs(t), 1e-4, 1e4)
+
+
+class OfficialAttention(nn.Module):
+
+    def __init__(self, dim, heads, reduction=2):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim // reduction)
+        self.k_proj = nn.Linear(dim, dim // reduction)
+        self.v_proj = nn.Linear(dim, dim // reduction)
+        self.out_proj = nn.Linear(dim // reduction, dim)
+        self.se_fc = nn.Sequential(
+            nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim, bias=False),
+            nn.Sigmoid())
+
+    def forward(self, x, height, width):
+        batch, tokens, _ = x.shape
+        gate = self.se_fc(x.mean(1))
+
+        def per_head(t):
+            return t.reshape(batch, tokens, self.heads, -1)
+
+        q = per_head(self.q_proj(x)).relu()
+        k = per_head(self.k_proj(x)).relu()
+        v = per_head(self.v_proj(x))
+        index = torch.arange(tokens)
+        row_angle = (index // width).to(x.dtype) * (math.pi / 2) / height
+        col_angle = (index % width).to(x.dtype) * (math.pi / 2) / width
+        terms = torch.stack(
+            [row_angle.cos(), row_angle.sin(), col_angle.cos(), col_angle.sin()], dim=1)
+        q_feat = torch.cat([q * terms[:, p, None, None] for p in range(4)], dim=-1)
+        k_feat = torch.cat([k * terms[:, p, None, None] for p in range(4)], dim=-1)
+        kv = bound(torch.einsum('bnhf,bnhd->bhfd', k_feat, v))
+        z = bound(1 / (torch.einsum('bnhf,bhf->bnh', q_feat, k_feat.sum(1)) + 1e-4))
+        out = bound(torch.einsum('bnhf,bhfd->bnhd', q_feat, kv))
+        out = bound(out * z[..., None])
+        out = bound(self.out_proj(out.reshape(batch, tokens, -1)))
+        return bound(out + out * gate[:, None, :])
+
+
+class OfficialDWConv(nn.Module):
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x, height, width):
+        image = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+        return self.dwconv(image).flatten(2).transpose(1, 2)
+
+
+class OfficialMlp(nn.Module):
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = OfficialDWConv(hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x, height, width):
+        return self.fc2(F.gelu(self.dwconv(self.fc1(x), height, width)))
+
+
+class OfficialBlock(nn.Module):
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = OfficialAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = OfficialMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, height, width):
+        x = x + self.attn(self.norm1(x), height, width)
+        return x + self.mlp(self.norm2(x), height, width)
+
+
+class OfficialPatchEmbed(nn.Module):
+
+    def __init__(self, in_chans, dim, patch, stride):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch, stride, patch // 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = self.proj(x)
+        height, width = x.shape[2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), height, width
+
+
+class OfficialVVT(nn.Module):
+
+    def __init__(self, embed_dims, depths, num_heads, mlp_ratios, num_classes=10):
+        super().__init__()
+        in_chans = 3
+        for i, dim in enumerate(embed_dims):
+            setattr(self, f'patch_embed{i + 1}',
+                    OfficialPatchEmbed(in_chans, dim, 7 if i == 0 else 3, 4 if i == 0 else 2))
+            setattr(self, f'block{i + 1}', nn.ModuleList(
+                [OfficialBlock(dim, num_heads[i], mlp_ratios[i]) for _ in range(depths[i])]))
+            setattr(self, f'norm{i + 1}', nn.LayerNorm(dim, eps=1e-6))
+            in_chans = dim
+        self.num_stages = len(embed_dims)
+        self.head = nn.Linear(embed_dims[-1], num_classes)
+
+    def stage_outputs(self, x):
+        outs = []
+        for i in range(1, self.num_stages + 1):
+            x, height, width = getattr(self, f'patch_embed{i}')(x)
+            for block in getattr(self, f'block{i}'):
+                x = block(x, height, width)
+            x = getattr(self, f'norm{i}')(x)
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+            outs.append(x)
+        return outs
+
+
+def official_model(arch=SMALL_ARCH, seed=0):
+    torch.manual_seed(seed)
+    model = OfficialVVT(**arch).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if 'norm' in name:
+                param.add_(torch.randn_like(param) * 0.1)
+            elif param.dim() == 1:
+                param.normal_(0, 0.05)
+    return model
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize('arch,expected', [('tiny', 12_369_440), ('small', 24_979_264),
+                                           ('medium', 47_394_304), ('large', 61_335_520),
+                                           ('s', 24_979_264)])
+def test_preset_parameter_counts(arch, expected):
+    with torch.device('meta'):
+        model = VVT(arch=arch)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model.num_features == (96, 160, 320, 512)
+
+
+@pytest.mark.parametrize('dtype,tolerance', [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+def test_matches_official_model_with_converted_weights(dtype, tolerance):
+    official = official_model().to(dtype)
+    model = VVT(arch=SMALL_ARCH, drop_path_rate=0.).eval().to(dtype)
+    model.load_state_dict(convert_vvt_checkpoint(official.state_dict()), strict=True)
+    torch.manual_seed(1)
+    sizes = [(64, 64), (45, 38)] if dtype == torch.float32 else [(45, 38)]
+    for size in sizes:
+        x = torch.randn(2, 3, *size, dtype=dtype)
+        with torch.no_grad():
+            expected = official.stage_outputs(x)
+            outs = model(x)
+        assert len(outs) == 4
+        for out, ref in zip(outs, expected):
+            assert out.shape == ref.shape
+            assert relative_error(out, ref) < tolerance
+
+
+def test_converter_round_trip_official_layout():
+    official_state = official_model().state_dict()
+    snapshot = dict(official_state)
+    model = VVT(arch=SMALL_ARCH)
+    for wrapped in (official_state, {'model': official_state},
+                    {'state_dict': official_state, 'meta': {}}):
+        converted = convert_vvt_checkpoint(wrapped)
+        assert not any(key.startswith('head') for key in converted)
+        result = model.load_state_dict(converted, strict=True)
+        assert not result.missing_keys and not result.unexpected_keys
+    assert len(converted) == len(official_state) - 2
+    assert official_state.keys() == snapshot.keys()
+    # Idempotent on our own layout; DataParallel prefixes are stripped.
+    assert convert_vvt_checkpoint(converted).keys() == converted.keys()
+    prefixed = {f'module.{k}': v for k, v in official_state.items()}
+    assert convert_vvt_checkpoint(prefixed).keys() == converted.keys()
+    assert converted['stages.1.blocks.1.attn.se_reduce.weight'] is \
+        official_state['block2.1.attn.se_fc.0.weight']
+
+
+def test_converter_rejects_other_architectures():
+    with pytest.raises(KeyError, match='layers.0.blocks.0.attn.qkv.weight'):
+        convert_vvt_checkpoint({'layers.0.blocks.0.attn.qkv.weight': torch.zeros(3)})
+    other = convert_vvt_checkpoint(official_model(dict(SMALL_ARCH, depths=(1, 1, 1, 1))).state_dict())
+    with pytest.raises(ValueError, match=r'missing keys \[\'stages\.1\.blocks\.1\.'):
+        check_vvt_state_dict(VVT(arch=SMALL_ARCH), other, source='other.pth')
+    wider = convert_vvt_checkpoint(official_model(dict(SMALL_ARCH, mlp_ratios=(4, 2, 4, 2))).state_dict())
+    with pytest.raises(ValueError, match=r'stages\.0\.blocks\.0\.ffn\.fc1\.weight: checkpoint'):
+        check_vvt_state_dict(VVT(arch=SMALL_ARCH), wider, source='wider.pth')
+
+
+@pytest.mark.parametrize('wrap', [lambda sd: sd, lambda sd: {'model': sd}])
+def test_init_cfg_loads_official_checkpoint(tmp_path, wrap):
+    official = official_model()
+    path = tmp_path / 'vvt_official.pth'
+    torch.save(wrap(official.state_dict()), path)
+    model = VVT(arch=SMALL_ARCH, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        for out, ref in zip(model.eval()(x), official.stage_outputs(x)):
+            assert relative_error(out, ref) < 1e-4
+
+
+def test_init_cfg_prefix_and_mismatch(tmp_path):
+    official = official_model()
+    ours = convert_vvt_checkpoint(official.state_dict())
+    path = tmp_path / 'detector.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in ours.items()}}, path)
+    model = VVT(arch=SMALL_ARCH,
+                init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='backbone.'))
+    model.init_weights()
+    torch.testing.assert_close(model.stages[3].norm.weight, official.norm4.weight)
+
+    other = tmp_path / 'other.pth'
+    torch.save(official_model(dict(SMALL_ARCH, depths=(1, 1, 1, 1))).state_dict(), other)
+    model = VVT(arch=SMALL_ARCH, init_cfg=dict(type='Pretrained', checkpoint=str(other)))
+    with pytest.raises(ValueError, match=r'other\.pth does not match VVT.*stages\.1\.blocks\.1'):
+        model.init_weights()
+
+
+def test_converter_cli(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        'vvt2mmsparsevit', REPO_ROOT / 'tools/model_converters/vvt2mmsparsevit.py')
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with torch.device('meta'):
+        official_tiny = OfficialVVT((96, 160, 320, 512), (2, 2, 2, 2), (1, 2, 5, 8), (8, 8, 4, 4))
+    src, dst = tmp_path / 'vvt_tiny.pth', tmp_path / 'out' / 'vvt_tiny_converted.pth'
+    state = {k: torch.zeros(v.shape) for k, v in official_tiny.state_dict().items()}
+    torch.save({'model': state}, src)
+    cli.main([str(src), str(dst)])
+    saved = torch.load(dst, weights_only=True)
+    assert saved['meta']['arch'] == 'tiny'
+    model = VVT(arch='tiny')
+    result = model.load_state_dict(saved['state_dict'], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+    custom = tmp_path / 'custom.pth'
+    torch.save(official_model().state_dict(), custom)
+    with pytest.raises(SystemExit, match='match no VVT preset'):
+        cli.main([str(custom), str(tmp_path / 'x.pth')])
+    with pytest.raises(SystemExit, match=r'custom\.pth does not match VVT'):
+        cli.main([str(custom), str(tmp_path / 'x.pth'), '--arch', 'tiny'])
+
+
+@pytest.mark.parametrize('size,expected', [
+    ((112, 137), [(28, 35), (14, 18), (7, 9), (4, 5)]),
+    ((33, 33), [(9, 9), (5, 5), (3, 3), (2, 2)]),
+    ((511, 511), [(128, 128), (64, 64), (32, 32), (16, 16)]),
+])
+def test_any_input_size(size, expected):
+    model = VVT(arch=SMALL_ARCH if size == (511, 511) else 'tiny').eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    assert [tuple(out.shape[2:]) for out in outs] == expected
+    assert [out.shape[1] for out in outs] == list(model.num_features)
+    assert all(torch.isfinite(out).all() for out in outs)
+
+
+def test_registry_out_indices_and_in_channels():
+    model = MODELS.build(
+        dict(type='mmsparsevit.VVT', arch=SMALL_ARCH, in_channels=1, out_indices=(3, 1)))
+    outs = model(torch.randn(2, 1, 32, 32))
+    assert [tuple(out.shape) for out in outs] == [(2, 24, 4, 4), (2, 48, 1, 1)]
+    assert VVT(arch=SMALL_ARCH, out_indices=-1).out_indices == (3, )
+
+
+@pytest.mark.parametrize('kwargs,error,match', [
+    (dict(arch='huge'), KeyError, "unknown VVT arch 'huge'"),
+    (dict(arch=dict(embed_dims=(8, ), depths=(1, ))), KeyError, r"missing keys \['num_heads'"),
+    (dict(arch=dict(SMALL_ARCH, depths=(1, 1))), ValueError, "'embed_dims' must list one value"),
+    (dict(arch=dict(SMALL_ARCH, window=7)), KeyError, r"unknown keys \['window'\]"),
+    (dict(out_indices=(0, 4)), ValueError, 'out_indices entry 4 is out of range'),
+    (dict(out_indices=()), TypeError, 'out_indices'),
+    (dict(frozen_stages=5), ValueError, 'frozen_stages'),
+])
+def test_invalid_arguments(kwargs, error, match):
+    kwargs.setdefault('arch', SMALL_ARCH)
+    with pytest.raises(error, match=match):
+        VVT(**kwargs)
+
+
+def test_wrong_input_channels():
+    model = VVT(arch=SMALL_ARCH)
+    with pytest.raises(ValueError, match=r'\(B, 3, H, W\).*got \(1, 4, 32, 32\)'):
+        model(torch.randn(1, 4, 32, 32))
+    with pytest.raises(ValueError, match='in_channels=3'):
+        model(torch.randn(3, 32, 32))
+
+
+def test_frozen_stages_survive_train():
+    model = VVT(arch=SMALL_ARCH, frozen_stages=2)
+    model.train()
+    for i, stage in enumerate(model.stages):
+        frozen = i < 2
+        assert all(not m.training for m in stage.modules()) == frozen
+        assert all(p.requires_grad != frozen for p in stage.parameters())
+    sum(out.sum() for out in model(torch.randn(1, 3, 32, 32))).backward()
+    assert all(p.grad is None for p in model.stages[:2].parameters())
+    assert all(p.grad is not None for p in model.stages[2:].parameters())
+
+    stem_only = VVT(arch=SMALL_ARCH, frozen_stages=0).train()
+    assert not any(p.requires_grad for p in stem_only.stages[0].patch_embed.parameters())
+    assert all(p.requires_grad for p in stem_only.stages[0].blocks.parameters())
+
+
+def test_norm_eval():
+    model = VVT(arch=SMALL_ARCH, norm_eval=True).train()
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 4 * 2 + 5 * 2
+    assert not any(m.training for m in norms)
+    assert model.stages[0].blocks[0].attn.training
+    assert all(m.training for m in VVT(arch=SMALL_ARCH).train().modules())
+
+
+def test_with_cp_same_outputs_and_gradients(monkeypatch):
+    torch.manual_seed(0)
+    plain = VVT(arch=SMALL_ARCH, drop_path_rate=0.)
+    checkpointed = VVT(arch=SMALL_ARCH, drop_path_rate=0., with_cp=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, 'checkpoint',
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    x = torch.randn(1, 3, 32, 32)
+    for model in (plain, checkpointed):
+        sum(out.pow(2).sum() for out in model(x)).backward()
+    assert len(calls) == sum(SMALL_ARCH['depths'])
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = VVT(arch=SMALL_ARCH)
+    # A random projection: the channel mean of a LayerNorm output has no gradient.
+    sum((out * torch.randn_like(out)).sum() for out in model(torch.randn(2, 3, 37, 29))).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_drop_path_rates_and_default_init():
+    model = VVT(arch=SMALL_ARCH, drop_path_rate=0.4)
+    rates = [getattr(block.drop_path, 'drop_prob', 0.) for stage in model.stages
+             for block in stage.blocks]
+    assert rates == pytest.approx([0., 0.1, 0.2, 0.3, 0.4])
+    model.init_weights()
+    fc1 = model.stages[0].blocks[0].ffn.fc1
+    assert fc1.bias.abs().sum() == 0 and 0.015 < fc1.weight.std() < 0.025
+    assert torch.equal(model.stages[0].norm.weight, torch.ones(16))
