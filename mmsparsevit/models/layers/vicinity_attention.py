@@ -69,11 +69,27 @@ def vicinity_position_features(height: int, width: int, form: str, device: torch
         return features.reshape(height * width, 4).to(dtype).contiguous()
 
 
+class _ClampMagnitude(torch.autograd.Function):
+    """Autograd for the magnitude clamp that saves a boolean mask instead of the input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, min_magnitude: float, max_magnitude: float) -> Tensor:
+        magnitude = x.abs()
+        ctx.save_for_backward((magnitude >= min_magnitude) & (magnitude <= max_magnitude))
+        return magnitude.clamp_(min_magnitude, max_magnitude).mul_(x.sign())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], None, None]:
+        in_range, = ctx.saved_tensors
+        return grad * in_range, None, None
+
+
 def clamp_magnitude(x: Tensor, min_magnitude: float, max_magnitude: float) -> Tensor:
     """``sign(x) * clamp(|x|, min_magnitude, max_magnitude)``; exact zeros stay zero.
 
-    Outside autograd the result is written into ``x``'s storage, so pass only
-    tensors the caller owns.
+    The gradient is the one of the formula: 1 where ``min <= |x| <= max`` (``x != 0``),
+    0 elsewhere. Outside autograd the result is written into ``x``'s storage, so pass
+    only tensors the caller owns.
 
     Args:
         x (Tensor): Input tensor.
@@ -84,7 +100,7 @@ def clamp_magnitude(x: Tensor, min_magnitude: float, max_magnitude: float) -> Te
         Tensor: The clamped tensor.
     """
     if x.requires_grad and torch.is_grad_enabled():
-        return x.abs().clamp(min_magnitude, max_magnitude) * x.sign()
+        return _ClampMagnitude.apply(x, min_magnitude, max_magnitude)
     sign = x.sign()
     return x.abs_().clamp_(min_magnitude, max_magnitude).mul_(sign)
 
@@ -204,9 +220,10 @@ class VicinityAttention(BaseModule):
             key_value = self._clamp(key.transpose(-2, -1) @ value)  # (B, h, 4d, d)
             key_sum = key.sum(dim=-2).unsqueeze(-1)  # (B, h, 4d, 1)
             # One product yields the numerator and the normaliser (last column).
-            numerator_denominator = query @ torch.cat([key_value, key_sum], dim=-1)
-            normaliser = self._clamp(1.0 / (numerator_denominator[..., head_dims:] + self.eps))
-            numerator = self._clamp(numerator_denominator[..., :head_dims])
+            numerator, denominator = (query @ torch.cat([key_value, key_sum], dim=-1)).split(
+                [head_dims, 1], dim=-1)
+            normaliser = self._clamp(1.0 / (denominator + self.eps))
+            numerator = self._clamp(numerator)
             out = self._clamp(numerator * normaliser)
             out = out.transpose(1, 2).reshape(batch, num_tokens, heads * head_dims)
         return out.to(out_dtype)
