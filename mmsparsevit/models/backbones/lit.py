@@ -1,0 +1,614 @@
+# Copyright (c) mmsparsevit contributors. All rights reserved.
+"""LIT: Less-attention vIsion Transformer with Deformable Token Merging.
+
+Reference: "Less is More: Pay Less Attention in Vision Transformers" (AAAI 2022),
+https://arxiv.org/abs/2105.14217. Behaviour and checkpoint layouts follow the official code,
+https://github.com/zhuang-group/LIT (classification models and the mmdet/mmseg backbones).
+"""
+import math
+import re
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn import build_norm_layer
+from mmcv.cnn.bricks.transformer import PatchEmbed
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule, ModuleList
+from mmengine.model.weight_init import trunc_normal_
+from mmengine.runner.checkpoint import CheckpointLoader
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mmsparsevit.registry import MODELS
+from ..layers.dtm import DeformableTokenMerging
+from ..layers.lit_attention import LITAttention
+from ..layers.lit_blocks import LITAttentionBlock, LITMLPBlock
+
+_ARCH_KEYS = frozenset({'embed_dims', 'depths', 'num_heads', 'mlp_ratios'})
+_OPTIONAL_ARCH_KEYS = frozenset({'position_encoding', 'norm_eps', 'out_norms'})
+
+
+def nlc_to_nchw(x: torch.Tensor, hw_shape: Sequence[int]) -> torch.Tensor:
+    """Tokens (B, H*W, C) in row-major order -> map (B, C, H, W)."""
+    height, width = hw_shape
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+
+
+class LITStage(BaseModule):
+    """One LIT stage: optional DTM from the previous stage, optional absolute position
+    embedding, then MLP-only or global-MSA blocks.
+
+    Args:
+        embed_dims (int): Channels of the stage.
+        depth (int): Number of blocks.
+        num_heads (int): Attention heads (MSA stages).
+        mlp_ratio (float): FFN expansion ratio.
+        has_msa (bool): Global-MSA blocks if True, MLP-only blocks otherwise.
+        in_channels (int, optional): Channels of the previous stage; a DTM halves the map when
+            given. Defaults to None (first stage).
+        pos_embed_size (Sequence[int], optional): (h, w) of a learned absolute position
+            embedding, resized bilinearly to the actual map. Defaults to None.
+        rel_pos_size (Sequence[int], optional): Reference (h, w) of the relative-position
+            tables of the MSA blocks. Defaults to None.
+        qkv_bias (bool): Whether qkv projections have a bias. Defaults to True.
+        drop_rate (float): Dropout rate. Defaults to 0.
+        attn_drop_rate (float): Attention dropout rate. Defaults to 0.
+        drop_path_rates (Sequence[float]): Stochastic depth rate per block. Defaults to ().
+        act_cfg (dict): Activation config. Defaults to ``dict(type='GELU')``.
+        norm_cfg (dict): Norm config of the blocks. Defaults to ``dict(type='LN')``.
+        with_cp (bool): Checkpoint each block. Defaults to False.
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 depth: int,
+                 num_heads: int,
+                 mlp_ratio: float,
+                 has_msa: bool,
+                 in_channels: Optional[int] = None,
+                 pos_embed_size: Optional[Sequence[int]] = None,
+                 rel_pos_size: Optional[Sequence[int]] = None,
+                 qkv_bias: bool = True,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rates: Sequence[float] = (),
+                 act_cfg: dict = dict(type='GELU'),
+                 norm_cfg: dict = dict(type='LN'),
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        drop_path_rates = tuple(drop_path_rates) or (0., ) * depth
+        self.downsample = None
+        if in_channels is not None:
+            self.downsample = DeformableTokenMerging(in_channels, embed_dims)
+        self.pos_embed = None
+        if pos_embed_size is not None:
+            self.pos_embed = nn.Parameter(torch.zeros(1, embed_dims, *pos_embed_size))
+            self.drop_after_pos = nn.Dropout(drop_rate)
+        self.blocks = ModuleList()
+        for index in range(depth):
+            if has_msa:
+                block = LITAttentionBlock(
+                    embed_dims, num_heads, mlp_ratio, qkv_bias=qkv_bias,
+                    rel_pos_size=rel_pos_size, drop_rate=drop_rate,
+                    attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rates[index],
+                    act_cfg=act_cfg, norm_cfg=norm_cfg, with_cp=with_cp)
+            else:
+                block = LITMLPBlock(
+                    embed_dims, mlp_ratio, drop_rate=drop_rate,
+                    drop_path_rate=drop_path_rates[index], act_cfg=act_cfg,
+                    norm_cfg=norm_cfg, with_cp=with_cp)
+            self.blocks.append(block)
+
+    def resized_pos_embed(self, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """Absolute position embedding as tokens (1, H*W, C) for an H x W map."""
+        pos_embed = self.pos_embed
+        if tuple(pos_embed.shape[2:]) != tuple(hw_shape):
+            pos_embed = F.interpolate(pos_embed, size=hw_shape, mode='bilinear')
+        return pos_embed.flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor,
+                hw_shape: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Run the stage on tokens (B, N, C_in) of an (H, W) map; returns tokens and size."""
+        if self.downsample is not None:
+            merged = self.downsample(nlc_to_nchw(x, hw_shape))
+            hw_shape = tuple(merged.shape[2:])
+            x = merged.flatten(2).transpose(1, 2)
+        if self.pos_embed is not None:
+            x = self.drop_after_pos(x + self.resized_pos_embed(hw_shape))
+        for block in self.blocks:
+            x = block(x, hw_shape)
+        return x, hw_shape
+
+
+@MODELS.register_module()
+class LIT(BaseModule):
+    """LIT backbone (Less-attention vIsion Transformer).
+
+    Early stages use MLP-only blocks, late stages global multi-head self-attention; between
+    stages a Deformable Token Merging layer halves the map. Two families share the class:
+
+    - ``'tiny'`` (LIT-Ti, PVT-style): learned absolute position embeddings per stage
+      (resized bilinearly), LayerNorm eps 1e-6, no output norms (as the authors' ``LIT_Ti``).
+    - ``'small'``, ``'medium'``, ``'base'`` (Swin-style): relative-position-bias tables in the
+      MSA blocks, resized bicubically to the feature size at run time, and LayerNorms on the
+      outputs of stages 1-3 (as the authors' mmdet ``LIT``; their mmseg copy also norms
+      stage 0: ``out_norms=(0, 1, 2, 3)``).
+
+    Inputs of any size work: the 4x4 patch embedding pads the bottom/right to a multiple of 4
+    and each DTM floors odd sizes, as the authors' code does (their LIT-Ti drops the remainder
+    of sizes that are not multiples of 4 instead of padding).
+
+    Args:
+        arch (str | dict): ``'tiny'``, ``'small'``, ``'medium'``, ``'base'`` or a dict with
+            keys ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios`` (one entry per
+            stage) and optionally ``position_encoding`` (``'relative'`` (default) or
+            ``'absolute'``), ``norm_eps`` (default 1e-5) and ``out_norms`` (default ()).
+            Defaults to ``'tiny'``.
+        in_channels (int): Input image channels. Defaults to 3.
+        pretrain_img_size (int | Sequence[int]): Image size the position embeddings and
+            relative-position tables are laid out for; the authors' ImageNet models use 224,
+            their COCO LIT-S/M/B 800 and their ADE20K ones 512. Defaults to 224.
+        has_msa (Sequence[int]): 1 for stages with global MSA, 0 for MLP-only stages.
+            Defaults to (0, 0, 1, 1).
+        out_indices (Sequence[int]): Stages whose outputs are returned. Defaults to
+            (0, 1, 2, 3).
+        out_norms (Sequence[int], optional): Stages whose outputs get a LayerNorm; None takes
+            the arch's. Defaults to None.
+        qkv_bias (bool): Whether qkv projections have a bias. Defaults to True.
+        drop_rate (float): Dropout rate. Defaults to 0.
+        attn_drop_rate (float): Attention dropout rate. Defaults to 0.
+        drop_path_rate (float): Stochastic depth rate, increased linearly over blocks.
+            Defaults to 0.1.
+        act_cfg (dict): Activation config. Defaults to ``dict(type='GELU')``.
+        frozen_stages (int): -1 freezes nothing, 0 the patch embedding, k >= 1 the patch
+            embedding and stages 0..k-1 (each with its DTM, position embedding and output
+            norm). Defaults to -1.
+        norm_eval (bool): Keep the BatchNorms of the DTMs in eval mode while training.
+            Defaults to False.
+        with_cp (bool): Gradient checkpointing of every block. Defaults to False.
+        init_cfg (dict, optional): Initialization config; ``dict(type='Pretrained',
+            checkpoint=PATH)`` accepts the authors' ImageNet, COCO and ADE20K releases as well
+            as converted or mmsparsevit-trained checkpoints. Defaults to None.
+    """
+
+    arch_zoo = {
+        'tiny': dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3),
+                     num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
+                     position_encoding='absolute', norm_eps=1e-6, out_norms=()),
+        'small': dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2),
+                      num_heads=(3, 6, 12, 24), mlp_ratios=(4, 4, 4, 4),
+                      position_encoding='relative', norm_eps=1e-5, out_norms=(1, 2, 3)),
+        'medium': dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2),
+                       num_heads=(3, 6, 12, 24), mlp_ratios=(4, 4, 4, 4),
+                       position_encoding='relative', norm_eps=1e-5, out_norms=(1, 2, 3)),
+        'base': dict(embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2),
+                     num_heads=(4, 8, 16, 32), mlp_ratios=(4, 4, 4, 4),
+                     position_encoding='relative', norm_eps=1e-5, out_norms=(1, 2, 3)),
+    }
+    patch_size = 4
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 pretrain_img_size: Union[int, Sequence[int]] = 224,
+                 has_msa: Sequence[int] = (0, 0, 1, 1),
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_norms: Optional[Sequence[int]] = None,
+                 qkv_bias: bool = True,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1,
+                 act_cfg: dict = dict(type='GELU'),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        arch = self._resolve_arch(arch)
+        num_stages = len(arch['depths'])
+        self.embed_dims = tuple(arch['embed_dims'])
+        self.num_features = self.embed_dims
+        self.has_msa = tuple(bool(flag) for flag in has_msa)
+        if len(self.has_msa) != num_stages:
+            raise ValueError(f'has_msa={tuple(has_msa)} must have one entry per stage '
+                             f'({num_stages} stages)')
+        self.out_indices = tuple(out_indices)
+        for index in self.out_indices:
+            if not 0 <= index < num_stages:
+                raise ValueError(f'out_indices={self.out_indices}: stage {index} does not '
+                                 f'exist (stages 0..{num_stages - 1})')
+        if not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'frozen_stages={frozen_stages} must be in [-1, {num_stages}]')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.position_encoding = arch.get('position_encoding', 'relative')
+        if self.position_encoding not in ('relative', 'absolute'):
+            raise ValueError(f"arch['position_encoding'] must be 'relative' or 'absolute', "
+                             f'got {self.position_encoding!r}')
+        if isinstance(pretrain_img_size, int):
+            pretrain_img_size = (pretrain_img_size, pretrain_img_size)
+        self.pretrain_img_size = tuple(pretrain_img_size)
+        grid = [size // self.patch_size for size in self.pretrain_img_size]
+        norm_cfg = dict(type='LN', eps=arch.get('norm_eps', 1e-5))
+
+        self.patch_embed = PatchEmbed(
+            in_channels=in_channels,
+            embed_dims=self.embed_dims[0],
+            conv_type='Conv2d',
+            kernel_size=self.patch_size,
+            stride=self.patch_size,
+            padding='corner',
+            norm_cfg=dict(type='LN'))
+        self.drop_after_patch_embed = nn.Dropout(drop_rate)
+
+        block_rates = torch.linspace(0, drop_path_rate, sum(arch['depths']), device='cpu').tolist()
+        self.stages = ModuleList()
+        for index in range(num_stages):
+            first = sum(arch['depths'][:index])
+            stage_grid = (grid[0] // 2**index, grid[1] // 2**index)
+            absolute = self.position_encoding == 'absolute'
+            self.stages.append(
+                LITStage(
+                    embed_dims=self.embed_dims[index],
+                    depth=arch['depths'][index],
+                    num_heads=arch['num_heads'][index],
+                    mlp_ratio=arch['mlp_ratios'][index],
+                    has_msa=self.has_msa[index],
+                    in_channels=self.embed_dims[index - 1] if index > 0 else None,
+                    pos_embed_size=stage_grid if absolute else None,
+                    rel_pos_size=None if absolute else stage_grid,
+                    qkv_bias=qkv_bias,
+                    drop_rate=drop_rate,
+                    attn_drop_rate=attn_drop_rate,
+                    drop_path_rates=block_rates[first:first + arch['depths'][index]],
+                    act_cfg=act_cfg,
+                    norm_cfg=norm_cfg,
+                    with_cp=with_cp))
+
+        self.out_norms = tuple(arch.get('out_norms', ()) if out_norms is None else out_norms)
+        for index in self.out_norms:
+            if not 0 <= index < num_stages:
+                raise ValueError(f'out_norms={self.out_norms}: stage {index} does not exist')
+            if index in self.out_indices:
+                self.add_module(f'norm{index}', build_norm_layer(norm_cfg,
+                                                                 self.embed_dims[index])[1])
+        self._freeze_stages()
+
+    @classmethod
+    def _resolve_arch(cls, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            if arch not in cls.arch_zoo:
+                raise KeyError(f'Unknown LIT arch {arch!r}; choose one of '
+                               f'{sorted(cls.arch_zoo)} or pass a dict')
+            return dict(cls.arch_zoo[arch])
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a str or dict, got {type(arch).__name__}')
+        missing = sorted(_ARCH_KEYS - set(arch))
+        unknown = sorted(set(arch) - _ARCH_KEYS - _OPTIONAL_ARCH_KEYS)
+        if missing or unknown:
+            raise KeyError(f'Custom LIT arch: missing keys {missing}, unknown keys {unknown}')
+        lengths = {key: len(arch[key]) for key in sorted(_ARCH_KEYS)}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f'Custom LIT arch: per-stage entries differ in length: {lengths}')
+        return dict(arch)
+
+    def _freeze_stages(self) -> None:
+        frozen = []
+        if self.frozen_stages >= 0:
+            frozen.append(self.patch_embed)
+        for index in range(max(self.frozen_stages, 0)):
+            frozen.append(self.stages[index])
+            if hasattr(self, f'norm{index}'):
+                frozen.append(getattr(self, f'norm{index}'))
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'LIT':
+        """Set train/eval mode; frozen stages (and BNs under ``norm_eval``) stay in eval."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def _init_default(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, (DeformableTokenMerging, LITAttention)):
+                module.init_weights()
+        for stage in self.stages:
+            if stage.pos_embed is not None:
+                trunc_normal_(stage.pos_embed, std=.02)
+
+    def init_weights(self) -> None:
+        """Initialise as the authors do, or load ``init_cfg``'s checkpoint.
+
+        A ``Pretrained`` checkpoint may be an official LIT release (ImageNet, COCO, ADE20K),
+        a file written by ``tools/model_converters/lit2mmsparsevit.py`` or an mmsparsevit
+        training checkpoint; its backbone is converted, position embeddings and tables are
+        resized to this model, and any key that finds no place raises an error.
+        """
+        self._init_default()
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            self.load_lit_checkpoint(self.init_cfg['checkpoint'],
+                                     prefix=self.init_cfg.get('prefix'))
+            self._is_init = True
+        elif self.init_cfg is not None:
+            super().init_weights()
+
+    def load_lit_checkpoint(self, filename: str, prefix: Optional[str] = None) -> None:
+        """Load a LIT checkpoint of any supported layout into this backbone.
+
+        Args:
+            filename (str): Path or URL of the checkpoint.
+            prefix (str, optional): Keep only keys under this prefix (e.g. ``'backbone.'``);
+                by default ``backbone.`` is stripped when present. Defaults to None.
+        """
+        logger = MMLogger.get_current_instance()
+        checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu',
+                                                      logger=logger)
+        if prefix:
+            raw = lit_state_dict_from_checkpoint(checkpoint)
+            checkpoint = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+            if not checkpoint:
+                raise ValueError(f'{filename}: no key starts with prefix {prefix!r}')
+        try:
+            state_dict, dropped = convert_lit_checkpoint(checkpoint)
+        except ValueError as error:
+            raise ValueError(f'{filename}: {error}') from error
+        state_dict, resized = self.adapt_position_params(state_dict)
+        own = self.state_dict()
+        unexpected = sorted(set(state_dict) - set(own))
+        mismatched = sorted(f'{key}: checkpoint {tuple(state_dict[key].shape)} vs model '
+                            f'{tuple(own[key].shape)}'
+                            for key in set(state_dict) & set(own)
+                            if state_dict[key].shape != own[key].shape)
+        missing = sorted(set(own) - set(state_dict))
+        output_norms = [key for key in missing if re.fullmatch(r'norm\d+\.(weight|bias)', key)]
+        missing = [key for key in missing if key not in output_norms]
+        if unexpected or mismatched or missing:
+            raise ValueError(
+                f'{filename} does not match LIT(embed_dims={self.embed_dims}, '
+                f'has_msa={self.has_msa}, out_norms={self.out_norms}): '
+                f'unexpected keys {unexpected}, shape mismatches {mismatched}, '
+                f'missing keys {missing}')
+        self.load_state_dict(state_dict, strict=False)
+        logger.info(f'LIT: loaded {len(state_dict)} tensors from {filename}')
+        if dropped:
+            logger.info('LIT: not used from the checkpoint: ' +
+                        ', '.join(f'{key} ({reason})' for key, reason in dropped.items()))
+        if resized:
+            logger.info('LIT: resized to this model: ' + ', '.join(resized))
+        if output_norms:
+            logger.info('LIT: newly initialised (not in the checkpoint): ' +
+                        ', '.join(output_norms))
+
+    def adapt_position_params(
+        self, state_dict: Dict[str, torch.Tensor]
+    ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+        """Resize absolute position embeddings (bilinear) and relative-position tables
+        (bicubic) of a converted state dict to this model's layout.
+
+        Args:
+            state_dict (dict[str, Tensor]): State dict in mmsparsevit's layout.
+
+        Returns:
+            tuple[dict, list[str]]: New state dict and descriptions of resized tensors.
+        """
+        own = self.state_dict()
+        result = OrderedDict(state_dict)
+        resized = []
+        for key, value in state_dict.items():
+            if key not in own or own[key].shape == value.shape:
+                continue
+            target = own[key].shape
+            if key.endswith('.pos_embed') and value.dim() == 4 and value.shape[:2] == target[:2]:
+                result[key] = F.interpolate(value.float(), size=tuple(target[2:]),
+                                            mode='bilinear').to(value.dtype)
+            elif (key.endswith('.relative_position_bias_table') and value.dim() == 2
+                  and value.shape[1] == target[1]):
+                module = self.get_submodule(key.rsplit('.', 1)[0])
+                ref_h, ref_w = module.rel_pos_size
+                side = math.isqrt(value.shape[0])
+                if side * side != value.shape[0]:
+                    raise ValueError(f'{key}: cannot resize a non-square table of '
+                                     f'{value.shape[0]} entries')
+                grid = value.float().transpose(0, 1).reshape(1, -1, side, side)
+                grid = F.interpolate(grid, size=(2 * ref_h - 1, 2 * ref_w - 1), mode='bicubic')
+                result[key] = grid.reshape(value.shape[1], -1).transpose(0, 1).to(value.dtype)
+            else:
+                continue
+            resized.append(f'{key} {tuple(value.shape)}->{tuple(target)}')
+        return result, resized
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Return the maps (B, C_i, H_i, W_i) of the stages in ``out_indices``."""
+        x, hw_shape = self.patch_embed(x)
+        hw_shape = tuple(hw_shape)
+        x = self.drop_after_patch_embed(x)
+        outs = []
+        for index, stage in enumerate(self.stages):
+            x, hw_shape = stage(x, hw_shape)
+            if index in self.out_indices:
+                out = x
+                if hasattr(self, f'norm{index}'):
+                    out = getattr(self, f'norm{index}')(out)
+                outs.append(nlc_to_nchw(out, hw_shape).contiguous())
+        return tuple(outs)
+
+
+# Official key patterns (regex on the stripped key) -> mmsparsevit keys. The block-local part
+# is shared by both families; ``{norm2}`` becomes ``norm2`` in MSA blocks and ``norm`` in
+# MLP-only blocks, which have no norm1.
+_BLOCK_RULES = (
+    (r'norm1\.(weight|bias)', r'norm1.\1'),
+    (r'attn\.(qkv|proj)\.(weight|bias)', r'attn.\1.\2'),
+    (r'attn\.relative_position_bias_table', 'attn.relative_position_bias_table'),
+    (r'norm2\.(weight|bias)', r'{norm2}.\1'),
+    (r'mlp\.fc1\.(weight|bias)', r'ffn.layers.0.0.\1'),
+    (r'mlp\.fc2\.(weight|bias)', r'ffn.layers.1.\1'),
+)
+_DTM_RULES = (
+    (r'dconv\.(weight|bias)', r'\1'),
+    (r'dconv\.conv_offset\.(weight|bias)', r'conv_offset.\1'),
+    (r'norm_layer\.(weight|bias|running_mean|running_var|num_batches_tracked)', r'norm.\1'),
+)
+_CLASSIFIER_ONLY = {
+    'head.weight': 'classification head',
+    'head.bias': 'classification head',
+    'norm.weight': 'final norm of the classifier',
+    'norm.bias': 'final norm of the classifier',
+    'cls_token': 'class token of the classifier',
+}
+
+
+def lit_state_dict_from_checkpoint(checkpoint: dict) -> Dict[str, torch.Tensor]:
+    """Unwrap ``state_dict``/``model`` and strip ``module.`` from a loaded checkpoint."""
+    state_dict = checkpoint
+    for wrapper in ('state_dict', 'model'):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    return OrderedDict((key[len('module.'):] if key.startswith('module.') else key, value)
+                       for key, value in state_dict.items())
+
+
+def _match_rules(rules, suffix: str) -> Optional[str]:
+    for pattern, replacement in rules:
+        match = re.fullmatch(pattern, suffix)
+        if match:
+            return match.expand(replacement)
+    return None
+
+
+def convert_lit_checkpoint(
+        checkpoint: dict) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Convert an official LIT checkpoint to mmsparsevit's ``LIT`` layout.
+
+    Accepts the ImageNet releases (``lit_ti.pth``: PVT-style keys ``patch_embed1..4``,
+    ``pos_embed1..4``, ``block1..4``; ``lit_s/m/b.pth``: Swin-style keys ``patch_embed``,
+    ``layers.i``), the authors' COCO/ADE20K releases (keys under ``backbone.``, other modules
+    ignored) and checkpoints already in mmsparsevit's layout (returned unchanged). Only
+    renames and reshapes: position parameters are resized to a model by
+    :meth:`LIT.adapt_position_params`.
+
+    Args:
+        checkpoint (dict): A loaded checkpoint or state dict.
+
+    Returns:
+        tuple[dict, dict]: The converted state dict, and the official keys not carried over
+        mapped to the reason (classification head, classifier-only norm/class token, the
+        ``relative_position_index`` buffers and the class-token row of ``pos_embed4``, which
+        are recomputed or unused).
+
+    Raises:
+        ValueError: If the checkpoint is not a LIT checkpoint or has keys no rule explains
+            (they are named).
+    """
+    state_dict = lit_state_dict_from_checkpoint(checkpoint)
+    if any(key.startswith('backbone.') for key in state_dict):
+        state_dict = OrderedDict((key[len('backbone.'):], value)
+                                 for key, value in state_dict.items()
+                                 if key.startswith('backbone.'))
+    if 'patch_embed.projection.weight' in state_dict:
+        return OrderedDict(state_dict), {}
+    if 'patch_embed1.proj.weight' in state_dict:
+        stage_rules = _tiny_stage_key
+    elif 'patch_embed.proj.weight' in state_dict:
+        stage_rules = _swin_stage_key
+    else:
+        raise ValueError('not a LIT checkpoint: found neither patch_embed1.proj.weight '
+                         '(LIT-Ti) nor patch_embed.proj.weight (LIT-S/M/B); first keys: '
+                         f'{list(state_dict)[:5]}')
+    converted, dropped, unknown = OrderedDict(), OrderedDict(), []
+    for key, value in state_dict.items():
+        if key in _CLASSIFIER_ONLY:
+            dropped[key] = _CLASSIFIER_ONLY[key]
+            continue
+        if key.endswith('attn.relative_position_index'):
+            dropped[key] = 'buffer, recomputed for the actual feature size'
+            continue
+        match = re.fullmatch(r'patch_embed1?\.(proj|norm)\.(weight|bias)', key)
+        if match:
+            part = 'projection' if match.group(1) == 'proj' else 'norm'
+            converted[f'patch_embed.{part}.{match.group(2)}'] = value
+            continue
+        match = re.fullmatch(r'norm(\d)\.(weight|bias)', key)
+        if match:
+            converted[key] = value
+            continue
+        new_key = stage_rules(key, state_dict)
+        if new_key is None:
+            unknown.append(key)
+            continue
+        if key.startswith('pos_embed'):
+            value, dropped_row = _pos_embed_to_grid(key, value)
+            if dropped_row:
+                dropped[f'{key}[:, 0]'] = 'class-token position, unused by dense prediction'
+        converted[new_key] = value
+    if unknown:
+        raise ValueError(f'unrecognised LIT checkpoint keys: {unknown}')
+    return converted, dict(dropped)
+
+
+def _tiny_stage_key(key: str, state_dict: dict) -> Optional[str]:
+    match = re.fullmatch(r'pos_embed(\d)', key)
+    if match:
+        return f'stages.{int(match.group(1)) - 1}.pos_embed'
+    match = re.fullmatch(r'patch_embed(\d)\.(.+)', key)
+    if match and int(match.group(1)) > 1:
+        suffix = _match_rules(_DTM_RULES, match.group(2))
+        return suffix and f'stages.{int(match.group(1)) - 1}.downsample.{suffix}'
+    match = re.fullmatch(r'block(\d)\.(\d+)\.(.+)', key)
+    if match:
+        stage, block = int(match.group(1)), match.group(2)
+        has_norm1 = f'block{stage}.{block}.norm1.weight' in state_dict
+        suffix = _match_rules(_BLOCK_RULES, match.group(3))
+        return suffix and (f'stages.{stage - 1}.blocks.{block}.' +
+                           suffix.replace('{norm2}', 'norm2' if has_norm1 else 'norm'))
+    return None
+
+
+def _swin_stage_key(key: str, state_dict: dict) -> Optional[str]:
+    match = re.fullmatch(r'layers\.(\d+)\.downsample\.(.+)', key)
+    if match:
+        suffix = _match_rules(_DTM_RULES, match.group(2))
+        return suffix and f'stages.{int(match.group(1)) + 1}.downsample.{suffix}'
+    match = re.fullmatch(r'layers\.(\d+)\.blocks\.(\d+)\.(.+)', key)
+    if match:
+        stage, block = match.group(1), match.group(2)
+        has_norm1 = f'layers.{stage}.blocks.{block}.norm1.weight' in state_dict
+        suffix = _match_rules(_BLOCK_RULES, match.group(3))
+        return suffix and (f'stages.{stage}.blocks.{block}.' +
+                           suffix.replace('{norm2}', 'norm2' if has_norm1 else 'norm'))
+    return None
+
+
+def _pos_embed_to_grid(key: str, value: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """(1, N, C) tokens of a square grid -> (1, C, s, s); a leading class-token row (N = s^2
+    + 1, the authors' ``pos_embed4``) is dropped."""
+    if value.dim() != 3 or value.shape[0] != 1:
+        raise ValueError(f'{key}: expected shape (1, N, C), got {tuple(value.shape)}')
+    num_tokens = value.shape[1]
+    dropped_row = math.isqrt(num_tokens)**2 != num_tokens
+    if dropped_row:
+        value = value[:, 1:]
+        num_tokens -= 1
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f'{key}: {value.shape[1]} positions do not form a square grid')
+    return value.transpose(1, 2).reshape(1, value.shape[2], side, side), dropped_row

@@ -1,0 +1,137 @@
+# Copyright (c) mmsparsevit contributors. All rights reserved.
+"""Global multi-head self-attention of LIT's late stages."""
+from functools import lru_cache
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+
+
+@lru_cache(maxsize=16)
+def _relative_position_index(height: int, width: int) -> torch.Tensor:
+    """Index into a (2H-1) x (2W-1) table for every ordered pair of tokens of an H x W map.
+
+    Entry [n, m] is ``(y_n - y_m + H - 1) * (2W - 1) + (x_n - x_m + W - 1)`` for tokens
+    n, m in row-major order. Cached per size: every attention block of a stage asks for it.
+    """
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing='ij')
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[:, None] - ys[None, :] + height - 1
+    dx = xs[:, None] - xs[None, :] + width - 1
+    return dy * (2 * width - 1) + dx
+
+
+class LITAttention(BaseModule):
+    """Global multi-head self-attention over all tokens of a feature map.
+
+    ``forward(x, hw_shape)`` projects the tokens ``x`` (B, N, C) to queries, keys and values
+    (``qkv``), asks :meth:`attention_logits` for the (B, heads, N, N) logits, applies softmax,
+    attention dropout, the value product and the output projection (``proj``). Subclasses may
+    override :meth:`attention_logits` alone (e.g. to keep only the top-k logits per query, as
+    KVT does) and reuse every parameter and state-dict key of this module; logits of excluded
+    pairs should be ``-inf``.
+
+    Position information (LIT's Swin-style models) is a learned relative-position bias: a
+    table of shape ((2h-1)(2w-1), heads) for a reference map of h x w tokens, resized
+    bicubically at run time to the (2H-1) x (2W-1) offsets of the actual H x W map, then
+    gathered per token pair. LIT-Ti uses absolute position embeddings instead (added by the
+    backbone) and builds this module with ``rel_pos_size=None``.
+
+    Args:
+        embed_dims (int): Token channels C.
+        num_heads (int): Number of heads; must divide ``embed_dims``.
+        qkv_bias (bool): Whether ``qkv`` has a bias. Defaults to True.
+        qk_scale (float, optional): Logit scale; head_dim ** -0.5 when None. Defaults to None.
+        attn_drop_rate (float): Dropout on the attention weights. Defaults to 0.
+        proj_drop_rate (float): Dropout after the output projection. Defaults to 0.
+        rel_pos_size (Sequence[int], optional): (h, w) of the map the relative-position table
+            is laid out for; None disables the bias. Defaults to None.
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None,
+                 attn_drop_rate: float = 0.,
+                 proj_drop_rate: float = 0.,
+                 rel_pos_size: Optional[Sequence[int]] = None,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        if embed_dims % num_heads != 0:
+            raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads '
+                             f'({num_heads})')
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.scale = qk_scale or (embed_dims // num_heads)**-0.5
+        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop_rate)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(proj_drop_rate)
+        if rel_pos_size is None:
+            self.rel_pos_size = None
+            self.relative_position_bias_table = None
+        else:
+            self.rel_pos_size = tuple(rel_pos_size)
+            height, width = self.rel_pos_size
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * height - 1) * (2 * width - 1), num_heads))
+
+    def init_weights(self) -> None:
+        """Truncated-normal relative-position table (std 0.02), then ``init_cfg``."""
+        if self.relative_position_bias_table is not None:
+            trunc_normal_(self.relative_position_bias_table, std=.02)
+        if self.init_cfg is not None:
+            super().init_weights()
+
+    def relative_position_bias(self, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """Bias of shape (heads, H*W, H*W) for an H x W map, from the (resized) table."""
+        height, width = hw_shape
+        ref_h, ref_w = self.rel_pos_size
+        table = self.relative_position_bias_table
+        if (height, width) != (ref_h, ref_w):
+            grid = table.transpose(0, 1).reshape(1, self.num_heads, 2 * ref_h - 1, 2 * ref_w - 1)
+            grid = F.interpolate(grid, size=(2 * height - 1, 2 * width - 1), mode='bicubic')
+            table = grid.reshape(self.num_heads, -1).transpose(0, 1)
+        index = _relative_position_index(height, width).to(table.device)
+        return table[index].permute(2, 0, 1)
+
+    def attention_logits(self, query: torch.Tensor, key: torch.Tensor,
+                         hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """Pre-softmax attention logits.
+
+        Args:
+            query (Tensor): (B, heads, N, head_dim), not yet scaled.
+            key (Tensor): (B, heads, N, head_dim).
+            hw_shape (tuple[int, int]): (H, W) of the token map, H * W = N.
+
+        Returns:
+            Tensor: (B, heads, N, N) scaled dot products plus the relative-position bias.
+        """
+        logits = (query * self.scale) @ key.transpose(-2, -1)
+        if self.relative_position_bias_table is not None:
+            logits = logits + self.relative_position_bias(hw_shape).unsqueeze(0)
+        return logits
+
+    def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """Attend over all tokens.
+
+        Args:
+            x (Tensor): Tokens (B, N, C) in row-major order of the map.
+            hw_shape (tuple[int, int]): (H, W) of the map.
+
+        Returns:
+            Tensor: (B, N, C).
+        """
+        batch, num_tokens, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads,
+                                  channels // self.num_heads).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        attn = self.attention_logits(query, key, hw_shape).softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = (attn @ value).transpose(1, 2).reshape(batch, num_tokens, channels)
+        return self.proj_drop(self.proj(x))

@@ -1,0 +1,123 @@
+# Copyright (c) mmsparsevit contributors. All rights reserved.
+"""Transformer blocks of LIT: MLP-only blocks (early stages) and global-MSA blocks (late)."""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.utils.checkpoint as cp
+from mmcv.cnn import build_norm_layer
+from mmcv.cnn.bricks.drop import build_dropout
+from mmcv.cnn.bricks.transformer import FFN
+from mmengine.model import BaseModule
+
+from .lit_attention import LITAttention
+
+
+class LITMLPBlock(BaseModule):
+    """Pre-norm MLP block without attention: ``x + DropPath(FFN(LN(x)))``.
+
+    Args:
+        embed_dims (int): Token channels.
+        mlp_ratio (float): Hidden channels of the FFN over ``embed_dims``.
+        drop_rate (float): Dropout inside the FFN. Defaults to 0.
+        drop_path_rate (float): Stochastic depth rate of the residual branch. Defaults to 0.
+        act_cfg (dict): FFN activation. Defaults to ``dict(type='GELU')``.
+        norm_cfg (dict): Norm config. Defaults to ``dict(type='LN')``.
+        with_cp (bool): Checkpoint the block to save memory. Defaults to False.
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 mlp_ratio: float,
+                 drop_rate: float = 0.,
+                 drop_path_rate: float = 0.,
+                 act_cfg: dict = dict(type='GELU'),
+                 norm_cfg: dict = dict(type='LN'),
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.with_cp = with_cp
+        self.norm = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.ffn = FFN(
+            embed_dims=embed_dims,
+            feedforward_channels=int(embed_dims * mlp_ratio),
+            num_fcs=2,
+            ffn_drop=drop_rate,
+            dropout_layer=dict(type='DropPath', drop_prob=drop_path_rate),
+            act_cfg=act_cfg,
+            add_identity=True)
+
+    def _inner_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.norm(x), identity=x)
+
+    def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """Apply the block to tokens (B, N, C); ``hw_shape`` is unused (uniform block API)."""
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._inner_forward, x, use_reentrant=False)
+        return self._inner_forward(x)
+
+
+class LITAttentionBlock(BaseModule):
+    """Pre-norm transformer block with global MSA:
+    ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(FFN(LN(x)))``.
+
+    Args:
+        embed_dims (int): Token channels.
+        num_heads (int): Attention heads.
+        mlp_ratio (float): Hidden channels of the FFN over ``embed_dims``.
+        qkv_bias (bool): Whether the qkv projection has a bias. Defaults to True.
+        rel_pos_size (Sequence[int], optional): Reference (h, w) of the relative-position
+            table; None for no relative bias. Defaults to None.
+        drop_rate (float): Dropout after projections and inside the FFN. Defaults to 0.
+        attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
+        drop_path_rate (float): Stochastic depth rate of both branches. Defaults to 0.
+        act_cfg (dict): FFN activation. Defaults to ``dict(type='GELU')``.
+        norm_cfg (dict): Norm config. Defaults to ``dict(type='LN')``.
+        with_cp (bool): Checkpoint the block to save memory. Defaults to False.
+        init_cfg (dict, optional): Initialization config. Defaults to None.
+    """
+
+    def __init__(self,
+                 embed_dims: int,
+                 num_heads: int,
+                 mlp_ratio: float,
+                 qkv_bias: bool = True,
+                 rel_pos_size: Optional[Sequence[int]] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.,
+                 act_cfg: dict = dict(type='GELU'),
+                 norm_cfg: dict = dict(type='LN'),
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.with_cp = with_cp
+        drop_path_cfg = dict(type='DropPath', drop_prob=drop_path_rate)
+        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.attn = LITAttention(
+            embed_dims,
+            num_heads,
+            qkv_bias=qkv_bias,
+            attn_drop_rate=attn_drop_rate,
+            proj_drop_rate=drop_rate,
+            rel_pos_size=rel_pos_size)
+        self.drop_path = build_dropout(drop_path_cfg)
+        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.ffn = FFN(
+            embed_dims=embed_dims,
+            feedforward_channels=int(embed_dims * mlp_ratio),
+            num_fcs=2,
+            ffn_drop=drop_rate,
+            dropout_layer=drop_path_cfg,
+            act_cfg=act_cfg,
+            add_identity=True)
+
+    def _inner_forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
+        return self.ffn(self.norm2(x), identity=x)
+
+    def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """Apply the block to tokens (B, N, C) of an (H, W) = ``hw_shape`` map."""
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._inner_forward, x, hw_shape, use_reentrant=False)
+        return self._inner_forward(x, hw_shape)
