@@ -1,1 +1,3 @@
-__all__ = []
+from .lit import LIT
+
+__all__ = ['LIT']
