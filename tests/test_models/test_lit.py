@@ -129,3 +129,21 @@ def test_bad_arguments_are_named():
         LIT(arch='tiny', out_indices=(4, ))
     with pytest.raises(ValueError, match='num_heads'):
         LIT(arch=dict(SMALL_ARCH, num_heads=(1, 2, 5, 4)))
+
+
+def test_backbone_trains_under_bfloat16_autocast():
+    torch.manual_seed(0)
+    model = LIT(arch=SMALL_ARCH)
+    model.init_weights()
+    img = torch.randn(2, 3, 40, 56)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outs = model(img)
+    sum(o.float().square().mean() for o in outs).backward()
+    assert model.stages[1].downsample.conv_offset.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        reference = model(img)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model(img)
+    for a, b in zip(low, reference):
+        assert ((a.float() - b).abs().max() / b.abs().max()) < 0.1
