@@ -16,6 +16,7 @@ per-token features (``cos(x - y) = cos x cos y + sin x sin y``), so the
 attention is evaluated in ``O(N)`` as ``phi(q) (phi(k)^T v)``.
 """
 import math
+from contextlib import nullcontext
 from functools import lru_cache
 from typing import Optional, Tuple
 
@@ -202,7 +203,11 @@ class VicinityAttention(BaseModule):
         out_dtype = query.dtype
         compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
 
-        with torch.autocast(device_type=query.device.type, enabled=False):
+        device_type = query.device.type
+        autocast_disabled = torch.autocast(device_type, enabled=False) if (
+            torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)) else nullcontext()
+        with autocast_disabled:
 
             def split_heads(x: Tensor) -> Tensor:
                 return x.to(compute_dtype).view(batch, num_tokens, heads, head_dims).transpose(1, 2)
@@ -218,12 +223,9 @@ class VicinityAttention(BaseModule):
             key = (key.unsqueeze(-2) * position).flatten(-2)
 
             key_value = self._clamp(key.transpose(-2, -1) @ value)  # (B, h, 4d, d)
-            key_sum = key.sum(dim=-2).unsqueeze(-1)  # (B, h, 4d, 1)
-            # One product yields the numerator and the normaliser (last column).
-            numerator, denominator = (query @ torch.cat([key_value, key_sum], dim=-1)).split(
-                [head_dims, 1], dim=-1)
-            normaliser = self._clamp(1.0 / (denominator + self.eps))
-            numerator = self._clamp(numerator)
+            key_sum = key.sum(dim=-2, keepdim=True)  # (B, h, 1, 4d)
+            normaliser = self._clamp(1.0 / ((query * key_sum).sum(-1, keepdim=True) + self.eps))
+            numerator = self._clamp(query @ key_value)
             out = self._clamp(numerator * normaliser)
             out = out.transpose(1, 2).reshape(batch, num_tokens, heads * head_dims)
         return out.to(out_dtype)
