@@ -244,7 +244,10 @@ class FlopCounter(TorchDispatchMode):
     """Count the FLOPs (multiply-adds) of everything run inside the ``with`` block.
 
     Counts are kept per op (``by_op``) and, for a model passed as ``model``, per module
-    name (``by_module``; a module's count includes its children's).
+    name (``by_module``; a module's count includes its children's). Ops are booked to the
+    innermost module running, and a module's total is the sum over its name's subtree, so
+    modules whose ``forward`` is called directly (not via ``__call__``, e.g. mmdet's
+    ``roi_head.forward``) still get the counts of the sub-modules they call.
 
     Args:
         model (nn.Module, optional): Model whose module names label ``by_module``.
@@ -264,7 +267,7 @@ class FlopCounter(TorchDispatchMode):
         if extra_handlers:
             self.handlers.update(extra_handlers)
         self.by_op: Counter = Counter()
-        self.by_module: Dict[str, int] = defaultdict(int)
+        self.by_innermost_module: Dict[str, int] = defaultdict(int)
         self._module_names = ({module: name
                                for name, module in model.named_modules()} if model else {})
         self._module_stack: List[str] = []
@@ -280,8 +283,18 @@ class FlopCounter(TorchDispatchMode):
         if self._suspended or flops == 0:
             return
         self.by_op[op_name] += int(flops)
-        for name in self._module_stack:
-            self.by_module[name] += int(flops)
+        self.by_innermost_module[self._module_stack[-1] if self._module_stack else ''] += int(
+            flops)
+
+    @property
+    def by_module(self) -> Dict[str, int]:
+        """FLOPs per module name, children included (``''`` is the whole model)."""
+        totals: Dict[str, int] = defaultdict(int)
+        for name, flops in self.by_innermost_module.items():
+            parts = name.split('.') if name else []
+            for depth in range(len(parts) + 1):
+                totals['.'.join(parts[:depth])] += flops
+        return dict(totals)
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
@@ -342,7 +355,8 @@ def _wrap_deform_forward(original: Callable, modulated: bool) -> Callable:
     as a shape-only op (the C++ extension has no meta kernel)."""
 
     def forward(ctx, inputs, offset, *args, **kwargs):
-        weight = args[1] if modulated else args[0]
+        weight_index = 1 if modulated else 0  # modulated: (mask, weight, ...)
+        weight = args[weight_index] if len(args) > weight_index else kwargs['weight']
         counter = _current_counter()
         if counter is None:
             return original(ctx, inputs, offset, *args, **kwargs)

@@ -92,7 +92,9 @@ def build_model(model_cfg: ConfigDict, scope: Optional[str] = None) -> nn.Module
     scope_name = scope or 'mmengine'
     with DefaultScope.overwrite_default_scope(scope_name):
         model = MODELS.build(model_cfg)
-    return model.eval()
+    # not `return model.eval()`: some backbones' train() (mmdet's Swin) returns None
+    model.eval()
+    return model
 
 
 def is_full_model(model: nn.Module) -> bool:

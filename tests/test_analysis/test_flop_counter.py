@@ -101,16 +101,19 @@ def test_convolutions_exact():
 
 def test_mmcv_deform_conv_counted_as_conv_also_on_meta():
     from mmcv.ops import DeformConv2d, ModulatedDeformConv2dPack
-    deform = DeformConv2d(6, 10, 3, padding=1)
-    modulated = ModulatedDeformConv2dPack(6, 10, 3, padding=1)
-    x = torch.randn(1, 6, 8, 8)
-    offset = torch.randn(1, 18, 8, 8)
-    conv_equivalent = 10 * 8 * 8 * 6 * 9
-    assert count(deform, x, offset).by_op == {'mmcv_deform_conv2d': conv_equivalent}
+    deform = DeformConv2d(3, 10, 3, padding=1)
+    modulated = ModulatedDeformConv2dPack(3, 10, 3, padding=1)
+    x = torch.randn(1, 3, 8, 8)
+    conv_equivalent = 10 * 8 * 8 * 3 * 9
+    assert count(deform, x, torch.randn(1, 18, 8, 8)).by_op == {
+        'mmcv_deform_conv2d': conv_equivalent
+    }
     # the Pack variant also predicts offsets and masks with a plain conv (27 channels)
     counter = count(modulated, x)
-    assert counter.by_op == {'mmcv_deform_conv2d': conv_equivalent,
-                             'convolution': 27 * 8 * 8 * 6 * 9}
+    assert counter.by_op == {
+        'mmcv_deform_conv2d': conv_equivalent,
+        'convolution': 27 * 8 * 8 * 3 * 9
+    }
     meta = measure_complexity(modulated, (8, 8))
     assert meta.device == 'meta' and meta.flops == counter.total
 

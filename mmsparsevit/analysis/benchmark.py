@@ -1,0 +1,276 @@
+"""Latency, throughput and peak memory of a model, one case per fresh process.
+
+A case is (model, input size, batch size, inference or training, device). Each case runs in
+its own Python process so that its peak memory is its own: nothing allocated, cached or
+fragmented by an earlier case counts against it.
+
+Memory method (one extra pass after the timed ones, so it does not perturb them):
+
+* CPU: the kernel's resident-set high-water mark. glibc is first told to serve every block
+  of 64 KiB or more with ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``) and to hand its cached
+  free pages back (``malloc_trim``), so that the resident set follows live memory instead of
+  the allocator's cache. Then ``/proc/self/clear_refs`` is written ``5`` (Linux >= 4.0),
+  which resets ``VmHWM`` to the current resident set, one pass runs, and ``VmHWM`` is its
+  peak. ``extra_mem_mb`` = that peak - the resident set before the pass: activations,
+  temporaries, autograd's saved tensors and, in training, gradients. Where ``clear_refs``
+  cannot be written, ``ru_maxrss`` (peak of the whole process, model building included) is
+  reported and ``mem_method`` says so.
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; extra =
+  peak - memory allocated before the pass.
+
+Latency: ``warmup`` untimed passes, then ``repeats`` timed passes (CUDA synchronised);
+the median is reported with min/mean/max. Training = forward + backward of the sum of the
+outputs (``mode='tensor'`` for full models; no loss target assignment), with
+``zero_grad(set_to_none=True)`` between passes.
+"""
+import ctypes
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from mmengine.logging import print_log
+
+from .flop_counter import count_parameters
+from .model_builder import (build_model, forward_fn, load_model_spec, select_backbone,
+                            sum_outputs, synthetic_batch)
+
+MODES = ('inference', 'train')
+
+
+@dataclass
+class BenchmarkCase:
+    """One measurement.
+
+    Args:
+        shape (tuple[int, int]): Input (height, width).
+        batch_size (int): Images per batch.
+        mode (str): 'inference' (no_grad forward, eval mode) or 'train' (forward +
+            backward, train mode).
+        config (str, optional): Config file. Defaults to None.
+        backbone (str, optional): Backbone preset or dict literal (instead of a config).
+            Defaults to None.
+        backbone_only (bool): Measure only the backbone of a full model. Defaults to False.
+        device (str): 'cpu' or 'cuda'. Defaults to 'cpu'.
+        warmup (int): Untimed passes. Defaults to 2.
+        repeats (int): Timed passes. Defaults to 5.
+        threads (int, optional): torch CPU threads; None keeps torch's default.
+            Defaults to None.
+        cfg_options (dict): Config overrides. Defaults to empty.
+        label (str, optional): Name in the results. Defaults to the source.
+    """
+    shape: Tuple[int, int]
+    batch_size: int
+    mode: str
+    config: Optional[str] = None
+    backbone: Optional[str] = None
+    backbone_only: bool = False
+    device: str = 'cpu'
+    warmup: int = 2
+    repeats: int = 5
+    threads: Optional[int] = None
+    cfg_options: Dict[str, Any] = field(default_factory=dict)
+    label: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, got {self.mode!r}')
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f'need repeats >= 1 and warmup >= 0, got {self.repeats}, '
+                             f'{self.warmup}')
+        self.shape = tuple(self.shape)
+        if self.label is None:
+            self.label = self.config or self.backbone
+
+    def describe(self) -> str:
+        return (f'{self.label} {self.shape[0]}x{self.shape[1]} bs{self.batch_size} '
+                f'{self.mode} on {self.device}')
+
+
+def _resident_kib() -> int:
+    with open('/proc/self/statm') as file:
+        return int(file.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 1024
+
+
+def _status_kib(key: str) -> int:
+    with open('/proc/self/status') as file:
+        for line in file:
+            if line.startswith(key + ':'):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _release_cached_heap() -> bool:
+    """Make glibc return freed blocks of >= 64 KiB to the kernel at once (see module doc)."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    m_mmap_threshold = -3
+    return bool(libc.mallopt(m_mmap_threshold, 64 * 1024)) and libc.malloc_trim(0) >= 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open('/proc/self/clear_refs', 'w') as file:
+            file.write('5')
+        return True
+    except OSError:
+        return False
+
+
+class _MemoryProbe:
+    """Peak memory of what runs between :meth:`start` and :meth:`stop` (see module doc)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+            self.method = 'cuda max_memory_allocated'
+            return
+        gc.collect()
+        trimmed = _release_cached_heap()
+        self.baseline = _resident_kib() * 1024
+        if _reset_peak_rss():
+            self.method = 'cpu VmHWM after clear_refs' + (', mmap threshold 64 KiB'
+                                                          if trimmed else '')
+        else:
+            self.method = 'cpu ru_maxrss (whole process)'
+
+    def stop(self) -> Tuple[float, float]:
+        """(peak MiB, extra over the baseline MiB)."""
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method.startswith('cpu VmHWM'):
+            peak = _status_kib('VmHWM') * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak / 2**20, max(peak - self.baseline, 0) / 2**20
+
+
+def measure_case(case: BenchmarkCase) -> Dict[str, Any]:
+    """Run ``case`` in this process and return its result row."""
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    device = torch.device(case.device)
+    model_cfg, scope = load_model_spec(case.config, case.backbone, case.cfg_options)
+    model = select_backbone(build_model(model_cfg, scope), case.backbone_only).to(device)
+    training = case.mode == 'train'
+    model.train(training)
+    images, data_samples = synthetic_batch(model, case.shape, case.batch_size, device)
+    forward = forward_fn(model, images, data_samples)
+
+    def step() -> None:
+        if training:
+            model.zero_grad(set_to_none=True)
+            loss = sum_outputs(forward())
+            if loss is None:
+                raise RuntimeError(f'{case.label}: no output requires grad, nothing to train')
+            loss.backward()
+        else:
+            with torch.no_grad():
+                forward()
+
+    def timed_step() -> float:
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for index in range(case.warmup):
+        seconds = timed_step()
+        print_log(f'  warm-up {index + 1}/{case.warmup}: {1000 * seconds:.1f} ms',
+                  logger='current')
+    times: List[float] = []
+    for index in range(case.repeats):
+        times.append(timed_step())
+        print_log(f'  run {index + 1}/{case.repeats}: {1000 * times[-1]:.1f} ms',
+                  logger='current')
+    probe = _MemoryProbe(device)
+    probe.start()
+    step()
+    peak_mb, extra_mb = probe.stop()
+    median = statistics.median(times)
+    row = asdict(case)
+    row.update(
+        height=case.shape[0],
+        width=case.shape[1],
+        threads=torch.get_num_threads(),
+        params=count_parameters(model),
+        median_ms=1000 * median,
+        mean_ms=1000 * statistics.fmean(times),
+        min_ms=1000 * min(times),
+        max_ms=1000 * max(times),
+        images_per_s=case.batch_size / median,
+        peak_mem_mb=peak_mb,
+        extra_mem_mb=extra_mb,
+        mem_method=probe.method,
+        error='')
+    row.pop('shape')
+    row.pop('cfg_options')
+    return row
+
+
+def failed_row(case: BenchmarkCase, error: str) -> Dict[str, Any]:
+    """The result row of a case that did not finish."""
+    row = asdict(case)
+    row.update(height=case.shape[0], width=case.shape[1], error=error)
+    row.pop('shape')
+    row.pop('cfg_options')
+    return row
+
+
+def run_case_in_subprocess(case: BenchmarkCase,
+                           timeout: Optional[float] = None) -> Dict[str, Any]:
+    """Run ``case`` in a fresh interpreter (its output, e.g. progress, passes through)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        spec_path = os.path.join(workdir, 'case.json')
+        result_path = os.path.join(workdir, 'result.json')
+        with open(spec_path, 'w') as file:
+            json.dump(asdict(case), file)
+        command = [sys.executable, '-m', __name__, spec_path, result_path]
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+        env = dict(os.environ)
+        env['PYTHONPATH'] = os.pathsep.join(
+            filter(None, [package_root, env.get('PYTHONPATH')]))
+        try:
+            completed = subprocess.run(
+                command, timeout=timeout, stderr=subprocess.PIPE, text=True, env=env)
+        except subprocess.TimeoutExpired:
+            return failed_row(case, f'timed out after {timeout} s')
+        if completed.returncode != 0 or not os.path.exists(result_path):
+            lines = (completed.stderr or '').strip().splitlines()
+            reason = lines[-1] if lines else f'exit status {completed.returncode}'
+            if completed.returncode < 0:
+                reason = f'killed by signal {-completed.returncode} (out of memory?)'
+            return failed_row(case, reason)
+        with open(result_path) as file:
+            return json.load(file)
+
+
+def _worker(spec_path: str, result_path: str) -> None:
+    with open(spec_path) as file:
+        case = BenchmarkCase(**json.load(file))
+    row = measure_case(case)
+    with open(result_path, 'w') as file:
+        json.dump(row, file)
+
+
+if __name__ == '__main__':
+    _worker(*sys.argv[1:3])

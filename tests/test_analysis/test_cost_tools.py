@@ -1,0 +1,190 @@
+"""The cost tools (get_flops, benchmark, complexity_curve) on tiny models."""
+import csv
+import importlib.util
+import json
+import os.path as osp
+
+import pytest
+import torch
+
+from mmsparsevit.analysis import (build_model, count_parameters, load_model_spec,
+                                  measure_complexity, select_backbone)
+from mmsparsevit.analysis.benchmark import BenchmarkCase, _MemoryProbe, measure_case
+
+TOOLS = osp.join(osp.dirname(__file__), '..', '..', 'tools', 'analysis_tools')
+
+TINY_SWIN = ("dict(type='mmdet.SwinTransformer', embed_dims=16, depths=(1, 1, 1, 1), "
+             'num_heads=(1, 1, 1, 1), window_size=4, mlp_ratio=2)')
+TINY_RESNET = "dict(type='mmdet.ResNet', depth=18, base_channels=8, stem_channels=8)"
+
+TINY_SEGMENTOR = """
+default_scope = 'mmseg'
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    type='EncoderDecoder',
+    data_preprocessor=dict(type='SegDataPreProcessor', size=(64, 64)),
+    backbone=dict(type='ResNetV1c', depth=18, stem_channels=8, base_channels=8,
+                  norm_cfg=norm_cfg),
+    neck=dict(type='FPN', in_channels=[8, 16, 32, 64], out_channels=16, num_outs=4),
+    decode_head=dict(type='FPNHead', in_channels=[16, 16, 16, 16], in_index=[0, 1, 2, 3],
+                     feature_strides=[4, 8, 16, 32], channels=16, num_classes=3,
+                     norm_cfg=norm_cfg, align_corners=False,
+                     loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0)),
+    train_cfg=dict(), test_cfg=dict(mode='whole'))
+"""
+
+TINY_MASK_RCNN = """
+_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+model = dict(
+    backbone=dict(depth=18, base_channels=8, stem_channels=8, init_cfg=None),
+    neck=dict(in_channels=[8, 16, 32, 64], out_channels=16),
+    rpn_head=dict(in_channels=16, feat_channels=16),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=16),
+        bbox_head=dict(in_channels=16, fc_out_channels=32, num_classes=2),
+        mask_roi_extractor=dict(out_channels=16),
+        mask_head=dict(in_channels=16, conv_out_channels=16, num_classes=2)))
+"""
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, osp.join(TOOLS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_config(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_get_flops_backbone_spec_scales_and_writes_json(tmp_path):
+    get_flops = load_tool('get_flops')
+    results = {}
+    for size in (128, 256):
+        out = tmp_path / f'{size}.json'
+        get_flops.main(['--backbone', TINY_SWIN, '--shape', str(size), '--json', str(out)])
+        results[size] = json.loads(out.read_text())
+    model = build_model(*load_model_spec(backbone=TINY_SWIN))
+    assert results[128]['params'] == count_parameters(model) > 0
+    assert results[128]['by_op']['bmm'] > 0  # window attention products are counted
+    # every stage map is a multiple of the window at both sizes: window attention, linears and
+    # convs are all linear in the number of tokens
+    assert results[256]['flops'] == 4 * results[128]['flops']
+
+
+def test_get_flops_segmentor_config_and_backbone_only(tmp_path, capsys):
+    config = write_config(tmp_path, 'tiny_fpn.py', TINY_SEGMENTOR)
+    model = build_model(*load_model_spec(config))
+    full = measure_complexity(model, (64, 64))
+    backbone = measure_complexity(select_backbone(model, True), (64, 64))
+    assert full.flops > backbone.flops > 0
+    assert full.module_breakdown(1)['backbone'] == backbone.flops
+    assert full.params == count_parameters(model)
+    load_tool('get_flops').main([config, '--shape', '64', '--backbone-only'])
+    assert f'({backbone.flops:,} multiply-adds)' in capsys.readouterr().out
+
+
+def test_two_stage_detector_counts_rpn_and_roi_heads_on_cpu(tmp_path):
+    config = write_config(tmp_path, 'tiny_mask_rcnn.py', TINY_MASK_RCNN)
+    model_cfg, scope = load_model_spec(config)
+    assert scope == 'mmdet'
+    model = build_model(model_cfg, scope)
+    result = measure_complexity(model, (64, 96))
+    # NMS in the RPN needs values: counted on a real CPU pass
+    assert result.device == 'cpu'
+    by_module = result.module_breakdown(1)
+    assert by_module['roi_head'] > 0 and by_module['rpn_head'] > 0
+    assert result.flops == sum(by_module.values())
+
+
+def test_bad_model_sources_are_named(tmp_path):
+    with pytest.raises(ValueError, match='nor a dict literal'):
+        load_model_spec(backbone='no-such-preset')
+    with pytest.raises(ValueError, match='"type" key'):
+        load_model_spec(backbone="dict(arch='tiny')")
+    with pytest.raises(FileNotFoundError, match='missing.py'):
+        load_model_spec(str(tmp_path / 'missing.py'))
+    empty = write_config(tmp_path, 'empty.py', 'x = 1\n')
+    with pytest.raises(KeyError, match='empty.py'):
+        load_model_spec(empty)
+
+
+@pytest.mark.parametrize('name,flops,params', [('swin-t', 4.5, 28.3), ('pvtv2-b2', 4.0, 25.4),
+                                                ('resnet-50', 4.1, 25.6)])
+def test_baselines_match_published_figures(name, flops, params):
+    """Authors' figures (their 1000-class heads included: < 0.02 G, < 2.1 M)."""
+    result = measure_complexity(build_model(*load_model_spec(backbone=name)), (224, 224))
+    assert result.flops / 1e9 == pytest.approx(flops, rel=0.03)
+    assert result.params / 1e6 == pytest.approx(params, rel=0.1)
+    assert result.params / 1e6 < params
+
+
+def test_memory_probe_sees_a_known_allocation():
+    probe = _MemoryProbe(torch.device('cpu'))
+    probe.start()
+    block = torch.ones(48 * 2**20 // 4)  # 48 MiB, touched
+    peak, extra = probe.stop()
+    del block
+    assert probe.method.startswith('cpu VmHWM')
+    assert 47 <= extra <= 60 and peak > extra
+
+
+def test_measure_case_in_process_reports_medians_and_memory():
+    row = measure_case(
+        BenchmarkCase(
+            shape=(64, 64),
+            batch_size=2,
+            mode='train',
+            backbone=TINY_RESNET,
+            warmup=1,
+            repeats=3,
+            threads=1))
+    assert row['min_ms'] <= row['median_ms'] <= row['max_ms']
+    assert row['images_per_s'] == pytest.approx(2000 / row['median_ms'])
+    assert row['extra_mem_mb'] > 0 and row['params'] > 0 and row['threads'] == 1
+
+
+def test_benchmark_tool_runs_cases_in_subprocesses(tmp_path):
+    out = str(tmp_path / 'bench')
+    rows = load_tool('benchmark').main([
+        '--backbone', TINY_RESNET, '--shape', '64x96', '--modes', 'inference', '--warmup', '1',
+        '--repeats', '2', '--threads', '1', '--out', out
+    ])
+    assert [(row['height'], row['width'], row['error']) for row in rows] == [(64, 96, '')]
+    assert rows[0]['median_ms'] > 0 and rows[0]['mem_method'].startswith('cpu VmHWM')
+    with open(out + '.csv') as file:
+        assert [float(row['median_ms']) for row in csv.DictReader(file)] == [rows[0]['median_ms']]
+    with open(out + '.json') as file:
+        assert json.load(file) == rows
+
+
+def test_complexity_curve_flops_only(tmp_path):
+    load_tool('complexity_curve').main([
+        '--models', TINY_RESNET, TINY_SWIN, '--sizes', '128', '64', '--flops-only', '--out-dir',
+        str(tmp_path)
+    ])
+    with open(tmp_path / 'flops.csv') as file:
+        flops = list(csv.DictReader(file))
+    resnet = [row for row in flops if row['model'] == TINY_RESNET]
+    assert [int(row['size']) for row in resnet] == [64, 128]
+    assert float(resnet[1]['relative_to_smallest']) == pytest.approx(4, rel=0.01)
+    assert len(flops) == 4 and not (tmp_path / 'measured.csv').exists()
+    for name in ('flops.png', 'flops_relative.png'):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_complexity_curve_measured(tmp_path):
+    load_tool('complexity_curve').main([
+        '--models', TINY_RESNET, '--sizes', '64', '--repeats', '1', '--warmup', '0',
+        '--threads', '1', '--out-dir',
+        str(tmp_path)
+    ])
+    with open(tmp_path / 'measured.csv') as file:
+        measured = list(csv.DictReader(file))
+    assert len(measured) == 1 and float(measured[0]['median_ms']) > 0
+    for name in ('latency.png', 'memory.png'):
+        assert (tmp_path / name).stat().st_size > 1000
