@@ -1,5 +1,6 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """Helpers for the tools tests: load a tool script as a module, make fixture data, run a tool."""
+import argparse
 import importlib.util
 import subprocess
 import sys
@@ -7,9 +8,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
+from mmengine.config import Config, DictAction
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DET_CONFIG = REPO_ROOT / 'configs' / 'demo' / 'retinanet_vvt-demo_fpn_3k_shapes-coco.py'
-SEG_CONFIG = REPO_ROOT / 'configs' / 'demo' / 'fpn_vvt-demo_1k_shapes-ade20k.py'
+DET_CONFIG = REPO_ROOT / 'configs' / 'demo' / 'retinanet_vvt-demo_fpn_shapes-coco.py'
+SEG_CONFIG = REPO_ROOT / 'configs' / 'demo' / 'fpn_vvt-demo_shapes-ade20k.py'
 FIXTURE_SIZE = 64
 TOOL_TIMEOUT_S = 600
 
@@ -52,3 +55,13 @@ def run_tool(script: str, args: Sequence[str], cwd: Path = REPO_ROOT
     """Run ``tools/<script>`` with the test's Python; output is captured as text."""
     return subprocess.run([sys.executable, str(REPO_ROOT / 'tools' / script), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+
+
+def fixture_config(config: Path, data_root: Path, *options: str) -> Config:
+    """A demo config with :func:`data_options` and ``options`` applied as the tools do."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    cfg = Config.fromfile(config)
+    parsed = parser.parse_args(['--cfg-options', *data_options(config, data_root), *options])
+    cfg.merge_from_dict(parsed.cfg_options)
+    return cfg
