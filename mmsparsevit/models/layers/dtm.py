@@ -102,9 +102,11 @@ class DeformableTokenMerging(BaseModule):
         """
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = deform_conv2d(
-                x.to(dtype), offset.to(dtype), self.weight.to(dtype), stride=self.stride,
-                padding=0, im2col_step=x.shape[0])
+            # mmcv's autograd Function takes positional arguments only: stride, padding,
+            # dilation, groups, deform_groups, bias (unsupported), im2col_step.
+            out = deform_conv2d(x.to(dtype).contiguous(), offset.to(dtype).contiguous(),
+                                self.weight.to(dtype), self.stride, 0, 1, 1, 1, False,
+                                x.shape[0])
             out = out + self.bias.to(dtype).view(1, -1, 1, 1)
         return out.to(x.dtype)
 
