@@ -42,12 +42,17 @@ class VVTFFN(BaseModule):
         self.fc2 = nn.Linear(hidden_dims, embed_dims)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        batch, _, _ = x.shape
-        x = self.fc1(x)
-        # A transposed view of (B, N, C) tokens is a channels-last NCHW map: no copy.
-        x = self.dwconv(x.transpose(1, 2).reshape(batch, -1, *hw_shape))
-        x = self.act(x.flatten(2).transpose(1, 2))
-        return self.fc2(x)
+        """Map (B, N, C) tokens of an ``hw_shape`` map to (B, N, C) (a transposed view)."""
+        batch = x.shape[0]
+        # The hidden activations are kept channel-major, (B, hidden, N): the depth-wise
+        # convolution then reads and writes plain NCHW and no layout copy is needed on
+        # either side of it (the linears become batched products with a transposed operand).
+        hidden = torch.baddbmm(self.fc1.bias[:, None], self.fc1.weight.expand(batch, -1, -1),
+                               x.transpose(1, 2))
+        hidden = self.act(self.dwconv(hidden.view(batch, -1, *hw_shape)))
+        out = torch.baddbmm(self.fc2.bias[:, None], self.fc2.weight.expand(batch, -1, -1),
+                            hidden.flatten(2))
+        return out.transpose(1, 2)
 
 
 class VVTBlock(BaseModule):
