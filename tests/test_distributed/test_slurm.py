@@ -58,7 +58,7 @@ def slurm_training(slurm_cluster, tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp('slurm_train')
     data = make_coco_data(root / 'data')
     probe = root / 'probe'
-    # VVT here (LIT runs in the torchrun test), no frozen stages.
+    # VVT here (LIT runs in the torchrun test), nothing frozen.
     config = write_detector_config(root / 'retinanet_vvt_ddp.py', data, probe, backbone='VVT',
                                    frozen_stages=-1)
     work_dir = root / 'work'

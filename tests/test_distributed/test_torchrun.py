@@ -17,7 +17,8 @@ def torchrun_training(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp('torchrun')
     data = make_coco_data(root / 'data')
     probe = root / 'probe'
-    config = write_detector_config(root / 'retinanet_vvt_ddp.py', data, probe, backbone='VVT',
+    # LIT: MLP-only stages 0-1, attention stages 2-3, patch embedding and stage 0 frozen.
+    config = write_detector_config(root / 'retinanet_lit_ddp.py', data, probe, backbone='LIT',
                                    frozen_stages=1)
     work_dir = root / 'work'
     run_bounded(['bash', str(TOOLS / 'dist_train.sh'), str(config), str(NUM_PROCS),
@@ -50,8 +51,8 @@ def test_checkpoint_holds_the_weights_of_every_rank(torchrun_training):
 
 
 def test_frozen_stages_train_under_ddp_without_unused_parameter_search(torchrun_training):
-    """VVT with frozen_stages=1: plain DDP (find_unused_parameters False, the default) must
-    neither fail nor hang, and the frozen part must not move."""
+    """LIT with frozen_stages=1 and MLP-only early stages: plain DDP (find_unused_parameters
+    False, the default) must neither fail nor hang, and the frozen part must not move."""
     record = torchrun_training.records[0]
     frozen = sorted(n for n, grad in record['requires_grad'].items() if not grad)
     assert frozen and all(n.startswith('backbone.') for n in frozen)
