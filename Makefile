@@ -11,3 +11,9 @@ test: install
 
 test-fast: install
 	$(PYTHON) -m pytest tests -m "not slow"
+
+demo: install
+	$(PYTHON) tools/run_demo.py det
+
+demo-seg: install
+	$(PYTHON) tools/run_demo.py seg

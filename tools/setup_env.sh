@@ -66,9 +66,10 @@ else
         mkdir -p "$wheel_dir"
         build_dir=$(mktemp -d)
         MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${PIP[@]}" wheel --no-build-isolation --no-deps \
-            -v -w "$build_dir" "mmcv==$MMCV_VERSION" 2>&1 | grep --line-buffered -E '^\[[0-9]+/[0-9]+\]|Building|Created wheel|error' || true
+            -v -w "$build_dir" "mmcv==$MMCV_VERSION" 2>&1 | tee "$build_dir/build.log" \
+            | sed -unE 's#^\s*\[([0-9]+/[0-9]+)\] .* -c [^ ]*/([^ /]+\.(cpp|cu)) .*#    [\1] \2#p; t; s#.* -c [^ ]*/([^ /]+\.(cpp|cu)) .*#    compiling \1#p; /Created wheel|[Ee]rror:/p' || true
         built=$(ls "$build_dir"/mmcv-*.whl 2>/dev/null | head -n 1 || true)
-        [ -n "$built" ] || { echo "error: the mmcv build produced no wheel; rerun with the log above" >&2; exit 1; }
+        [ -n "$built" ] || { echo "error: the mmcv build produced no wheel; see $build_dir/build.log" >&2; exit 1; }
         mv "$built" "$wheel_dir/"
         rm -rf "$build_dir"
         wheel=$(ls "$wheel_dir"/mmcv-"$MMCV_VERSION"-*.whl | head -n 1)
