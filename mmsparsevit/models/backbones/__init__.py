@@ -1,3 +1,5 @@
+from .kvt import KVT
 from .lit import LIT
+from .vvt import VVT
 
-__all__ = ['LIT']
+__all__ = ['KVT', 'LIT', 'VVT']

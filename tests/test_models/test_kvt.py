@@ -1,0 +1,248 @@
+"""KVT wrapper: same parameters/keys as the inner backbone, plain outputs at full k, exact
+k-NN semantics inside each converted attention module, init_cfg, bad input."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import ConfigDict
+
+from mmsparsevit.models.backbones.kvt import (KNNLITAttention, KNNMultiheadAttention,
+                                              convert_to_knn_attention)
+from mmsparsevit.models.layers.knn_attention import resolve_topk
+from mmsparsevit.registry import MODELS
+from test_knn_attention import reference_knn_attention  # sibling test module
+
+pytest.importorskip('mmdet')
+pytest.importorskip('mmseg')
+
+# Small custom archs: one block per stage (two in Swin's first stage so that shifted windows
+# and their mask are exercised), 32 channels, so that 511 x 511 inputs stay fast.
+SWIN = dict(embed_dims=32, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=7,
+            drop_path_rate=0.)
+PYRAMID = dict(embed_dims=32, num_layers=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+               drop_path_rate=0.)
+BACKBONES = {
+    'mmdet.SwinTransformer': dict(type='mmdet.SwinTransformer', **SWIN),
+    'mmseg.SwinTransformer': dict(type='mmseg.SwinTransformer', **SWIN),
+    'mmdet.PyramidVisionTransformer': dict(type='mmdet.PyramidVisionTransformer', **PYRAMID),
+    'mmdet.PyramidVisionTransformerV2': dict(type='mmdet.PyramidVisionTransformerV2',
+                                             **PYRAMID),
+    'mmseg.MixVisionTransformer': dict(type='mmseg.MixVisionTransformer', **PYRAMID),
+    'mmsparsevit.LIT': dict(
+        type='mmsparsevit.LIT',
+        arch=dict(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                  mlp_ratios=(2, 2, 2, 2)),
+        drop_path_rate=0.),
+}
+# Converted attention modules expected per backbone (Swin: one per block).
+NUM_ATTENTIONS = {name: 5 if 'Swin' in name else 2 if 'LIT' in name else 4
+                  for name in BACKBONES}
+
+
+def build_pair(name, topk, seed=0):
+    """A plain backbone and a KVT-wrapped one holding the same weights."""
+    torch.manual_seed(seed)
+    plain = MODELS.build(copy.deepcopy(BACKBONES[name]))
+    plain.init_weights()
+    # Random (not zero) relative-position tables so that the bias matters.
+    with torch.no_grad():
+        for key, param in plain.named_parameters():
+            if 'relative_position_bias_table' in key:
+                param.normal_(std=0.5)
+    wrapped = MODELS.build(
+        dict(type='mmsparsevit.KVT', topk=topk, backbone=copy.deepcopy(BACKBONES[name])))
+    wrapped.load_state_dict(plain.state_dict(), strict=True)
+    # mmdet's Swin overrides train() without returning self, so eval() gives None.
+    plain.eval()
+    wrapped.eval()
+    return plain, wrapped
+
+
+def knn_modules(model):
+    return [m for m in model.modules()
+            if hasattr(m, 'knn_topk') and type(m).__name__.startswith('KNN')]
+
+
+@pytest.mark.parametrize('name', sorted(BACKBONES))
+def test_same_parameters_and_state_dict_keys(name):
+    torch.manual_seed(0)
+    plain = MODELS.build(copy.deepcopy(BACKBONES[name]))
+    wrapped = MODELS.build(
+        dict(type='mmsparsevit.KVT', topk=0.5, backbone=copy.deepcopy(BACKBONES[name])))
+    assert type(wrapped) is type(plain)
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    assert [(k, p.shape) for k, p in wrapped.named_parameters()] == \
+        [(k, p.shape) for k, p in plain.named_parameters()]
+    assert sum(p.numel() for p in wrapped.parameters()) == \
+        sum(p.numel() for p in plain.parameters())
+    assert len(knn_modules(wrapped)) == NUM_ATTENTIONS[name]
+    assert not knn_modules(plain)
+
+
+@pytest.mark.parametrize('name', sorted(BACKBONES))
+@pytest.mark.parametrize('size', [(33, 33), (112, 137), (511, 511)])
+def test_full_topk_reproduces_plain_backbone(name, size):
+    plain, wrapped = build_pair(name, topk=1.0)
+    image = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        expected, outs = plain(image), wrapped(image)
+    assert len(outs) == len(expected)
+    for out, ref in zip(outs, expected):
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', sorted(BACKBONES))
+def test_large_int_topk_reproduces_plain_and_small_topk_changes_output(name):
+    image = torch.randn(1, 3, 112, 137)
+    plain, wrapped = build_pair(name, topk=10**6)
+    _, sparse = build_pair(name, topk=3)
+    with torch.no_grad():
+        expected, full, changed = plain(image), wrapped(image), sparse(image)
+    for out, ref in zip(full, expected):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(changed[-1], expected[-1], rtol=1e-3, atol=1e-3)
+
+
+def reference_topk_attention(query, key, value, topk, scale, bias=None, allowed=None):
+    return reference_knn_attention(query, key, value, resolve_topk(topk, key.shape[-2]), scale,
+                                   bias, allowed)
+
+
+@pytest.mark.parametrize('toolbox', ['mmdet', 'mmseg'])
+def test_window_attention_semantics_with_shift_mask(toolbox):
+    _, model = build_pair(f'{toolbox}.SwinTransformer', topk=10)
+    attn = model.stages[0].blocks[1].attn.w_msa
+    assert type(attn).__name__ == f'KNNWindowMSA_{toolbox}'
+    torch.manual_seed(1)
+    num_windows, batch, tokens, channels = 4, 2, 49, 32
+    x = torch.randn(num_windows * batch, tokens, channels)
+    # Shift-style mask: 0 allowed, -100 forbidden; every query may see itself.
+    mask = torch.where(torch.rand(num_windows, tokens, tokens) > 0.5, 0., -100.)
+    mask.diagonal(dim1=1, dim2=2).zero_()
+    with torch.no_grad():
+        out = attn(x, mask=mask)
+        heads = attn.num_heads
+        qkv = attn.qkv(x).reshape(batch * num_windows, tokens, 3, heads,
+                                  channels // heads).permute(2, 0, 3, 1, 4)
+        bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)]
+        bias = bias.view(tokens, tokens, heads).permute(2, 0, 1)
+        query, key, value = (t.reshape(batch, num_windows, heads, tokens, -1) for t in qkv)
+        ref = reference_topk_attention(query, key, value, 10, attn.scale, bias,
+                                       (mask == 0).unsqueeze(1))
+        ref = attn.proj(ref.reshape(batch * num_windows, heads, tokens,
+                                    -1).transpose(1, 2).reshape(-1, tokens, channels))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['mmdet.PyramidVisionTransformerV2',
+                                  'mmseg.MixVisionTransformer'])
+def test_multihead_attention_semantics(name):
+    _, model = build_pair(name, topk=0.25)
+    attn = model.layers[0][1][0].attn.attn
+    assert type(attn) is KNNMultiheadAttention
+    torch.manual_seed(2)
+    query, key = torch.randn(40, 2, 32), torch.randn(13, 2, 32)  # sequence first
+    with torch.no_grad():
+        out, weights = attn(query=query, key=key, value=key)
+        projected = [nn.functional.linear(t.transpose(0, 1), w, b).reshape(2, -1, 1, 32)
+                     .transpose(1, 2) for t, w, b in zip(
+                         (query, key, key), attn.in_proj_weight.chunk(3),
+                         attn.in_proj_bias.chunk(3))]
+        ref = reference_topk_attention(*projected, 0.25, 32**-0.5)
+        ref = attn.out_proj(ref.transpose(1, 2).reshape(2, 40, 32)).transpose(0, 1)
+    assert weights is None
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_lit_attention_semantics_with_relative_bias():
+    _, model = build_pair('mmsparsevit.LIT', topk=7)
+    attn = model.stages[2].blocks[0].attn
+    assert type(attn) is KNNLITAttention
+    torch.manual_seed(3)
+    x = torch.randn(2, 30, 32)
+    with torch.no_grad():
+        out = attn(x, (5, 6))
+        qkv = attn.qkv(x).reshape(2, 30, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        ref = reference_topk_attention(*qkv, 7, attn.scale,
+                                       attn.relative_position_bias((5, 6)))
+        ref = attn.proj(ref.transpose(1, 2).reshape(2, 30, 32))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_per_stage_topk_and_training_backward():
+    model = MODELS.build(dict(type='mmsparsevit.KVT', topk=[1.0, 0.5, 20, 3],
+                              backbone=copy.deepcopy(BACKBONES['mmdet.SwinTransformer'])))
+    per_stage = [[m.knn_topk for m in knn_modules(stage)] for stage in model.stages]
+    assert per_stage == [[1.0, 1.0], [0.5], [20], [3]]
+    assert 'knn_topk=0.5' in repr(model.stages[1])
+    model.train()
+    sum(out.sum() for out in model(torch.randn(2, 3, 64, 64))).backward()
+    # Stage 0 runs the dense path (topk covers its windows), stage 2 the k-NN function.
+    for stage in (0, 2):
+        table = model.stages[stage].blocks[0].attn.w_msa.relative_position_bias_table
+        assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_init_cfg_of_inner_backbone_loads_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    source = MODELS.build(copy.deepcopy(BACKBONES['mmdet.SwinTransformer']))
+    checkpoint = tmp_path / 'swin.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in source.state_dict().items()}},
+               checkpoint)
+    # As in a config file (mmdet's Swin reads init_cfg.checkpoint as an attribute).
+    backbone = ConfigDict(BACKBONES['mmdet.SwinTransformer'],
+                          init_cfg=dict(type='Pretrained', checkpoint=str(checkpoint)))
+    torch.manual_seed(1)
+    model = MODELS.build(dict(type='mmsparsevit.KVT', topk=0.5, backbone=backbone))
+    model.init_weights()
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_built_from_mmdet_scope_and_pickles():
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MMDET_MODELS.build(dict(
+            type='mmsparsevit.KVT', topk=0.5,
+            backbone=dict(BACKBONES['mmdet.SwinTransformer'], type='SwinTransformer')))
+    assert len(knn_modules(model)) == 5
+    image = torch.randn(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(image)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            for out, ref in zip(clone(image), expected):
+                torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def build_kvt(topk, backbone=None):
+    backbone = backbone or copy.deepcopy(BACKBONES['mmdet.SwinTransformer'])
+    return MODELS.build(dict(type='mmsparsevit.KVT', topk=topk, backbone=backbone))
+
+
+@pytest.mark.parametrize('topk,error,match', [
+    (0, ValueError, 'positive'),
+    (-2, ValueError, 'positive'),
+    (1.5, ValueError, r'\(0, 1\]'),
+    ([0.5, 0.5, 0.5], ValueError, 'needs 4 entries'),
+    ([0.5, 0.5, 0.5, 0], ValueError, r'topk\[3\]'),
+    ('half', TypeError, 'int or a float'),
+])
+def test_bad_topk(topk, error, match):
+    with pytest.raises(error, match=match):
+        build_kvt(topk)
+
+
+def test_unsupported_backbone_lists_supported_ones():
+    with pytest.raises(TypeError, match='mmdet.ResNet.*supported: mmdet.SwinTransformer'):
+        build_kvt(0.5, dict(type='mmdet.ResNet', depth=18))
+    with pytest.raises(KeyError, match='not registered'):
+        build_kvt(0.5, dict(type='mmdet.NoSuchBackbone'))
+    with pytest.raises(TypeError, match='KVT does not support the backbone'):
+        convert_to_knn_attention(nn.Linear(2, 2), 0.5)
+    with pytest.raises(TypeError, match='config dict'):
+        build_kvt(0.5, 'mmdet.SwinTransformer')
