@@ -3,14 +3,13 @@ tools/slurm_test.sh through an sbatch job, both with --launcher slurm."""
 import os
 import subprocess
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from ddp_checks import (NUM_PROCS, TOOLS, TRAIN_ITERS, assert_checkpoint_matches_ranks,
                         assert_ranks_took_part, coco_image_ids, make_coco_data, rank_records,
                         read_test_metrics, run_bounded, tool_env, write_detector_config)
-from slurm_harness import PARTITION, LocalSlurmCluster, SlurmUnavailable
+from slurm_harness import PARTITION, LocalSlurmCluster, start_cluster_or_skip
 
 from mmsparsevit.utils.dist import slurm_master_port
 
@@ -26,20 +25,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def start_cluster(state_dir: Path) -> LocalSlurmCluster:
-    """Start a cluster; skip where Slurm cannot run here, except on CI, where it must."""
-    cluster = LocalSlurmCluster(state_dir)
-    try:
-        return cluster.start()
-    except SlurmUnavailable as err:
-        if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
-            pytest.fail(f'CI must run the Slurm tests, but Slurm is unavailable: {err}')
-        pytest.skip(f'Slurm packages cannot be installed or started here: {err}')
-
-
 @pytest.fixture(scope='module')
 def slurm_cluster(tmp_path_factory):
-    cluster = start_cluster(tmp_path_factory.mktemp('slurm') / 'cluster')
+    cluster = start_cluster_or_skip(tmp_path_factory.mktemp('slurm') / 'cluster')
     started = cluster.started_pids
     yield cluster
     cluster.stop()
@@ -135,7 +123,7 @@ def test_sbatch_slurm_test_matches_single_process_test(slurm_cluster, slurm_trai
 def test_harness_stops_exactly_the_daemons_it_started(slurm_cluster, tmp_path):
     """A second cluster (own ports and state) shares the running munged and must leave it,
     and the first cluster, alone when it stops."""
-    second = start_cluster(tmp_path / 'second')
+    second = start_cluster_or_skip(tmp_path / 'second')
     started = second.started_pids
     second.stop()
     assert set(started) == {'slurmctld', 'slurmd'}  # munged was already serving
