@@ -5,6 +5,7 @@ Reference: "Less is More: Pay Less Attention in Vision Transformers" (AAAI 2022)
 https://arxiv.org/abs/2105.14217, official code https://github.com/zhuang-group/LIT.
 """
 import math
+from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
@@ -101,7 +102,9 @@ class DeformableTokenMerging(BaseModule):
             Tensor: (B, C_out, H // k, W // k) in the dtype of ``x``.
         """
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        no_autocast = (torch.autocast(device_type=x.device.type, enabled=False)
+                       if torch.amp.is_autocast_available(x.device.type) else nullcontext())
+        with no_autocast:
             # mmcv's autograd Function takes positional arguments only: stride, padding,
             # dilation, groups, deform_groups, bias (unsupported), im2col_step.
             out = deform_conv2d(x.to(dtype).contiguous(), offset.to(dtype).contiguous(),
