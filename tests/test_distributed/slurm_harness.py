@@ -39,10 +39,16 @@ class SlurmUnavailable(RuntimeError):
     """Slurm cannot be installed or started on this machine; the message says why."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> List[int]:
+    """``count`` distinct ports that are free now (all held open while they are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(('127.0.0.1', 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def slurm_installed() -> bool:
@@ -177,7 +183,7 @@ class LocalSlurmCluster:
             (self.state_dir / sub).mkdir(parents=True)
         # Private ports, so that a cluster that is already running on this machine (on the
         # default 6817/6818) does not get in the way.
-        ctld_port, slurmd_port = _free_port(), _free_port()
+        ctld_port, slurmd_port = _free_ports(2)
         self.conf_path.write_text('\n'.join((
             'ClusterName=mmsparsevit-ci',
             f'SlurmctldHost={self.node_name}(127.0.0.1)',
