@@ -1,7 +1,8 @@
 """Parameters and FLOPs of a backbone or full model at a given input size."""
+import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Iterator, Sequence
 
 import torch
 from mmengine.logging import print_log
@@ -30,6 +31,31 @@ class Complexity:
             for name, flops in self.by_module.items()
             if name and name.count('.') == depth - 1
         }
+
+
+@contextlib.contextmanager
+def _meta_autocast_as_cpu() -> Iterator[None]:
+    """Meta tensors have no autocast state: ``torch.autocast(x.device.type, ...)`` and
+    ``torch.is_autocast_enabled(x.device.type)`` raise for 'meta'. During the shape-only
+    pass they answer as for the CPU (autocast is off there), so such layers still run."""
+    original_autocast = torch.autocast
+    original_is_enabled = torch.is_autocast_enabled
+
+    class MetaAsCpuAutocast(original_autocast):
+
+        def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
+            super().__init__('cpu' if device_type == 'meta' else device_type, *args, **kwargs)
+
+    def is_autocast_enabled(*args: Any) -> bool:
+        return original_is_enabled(*('cpu' if arg == 'meta' else arg for arg in args))
+
+    torch.autocast = MetaAsCpuAutocast
+    torch.is_autocast_enabled = is_autocast_enabled
+    try:
+        yield
+    finally:
+        torch.autocast = original_autocast
+        torch.is_autocast_enabled = original_is_enabled
 
 
 def _count(model: nn.Module, shape: Sequence[int], batch_size: int, convention: str,
@@ -74,7 +100,8 @@ def measure_complexity(model: nn.Module,
     if use_meta:
         try:
             meta_model = copy.deepcopy(model).to('meta')
-            return _count(meta_model, shape, batch_size, convention, 'meta')
+            with _meta_autocast_as_cpu():
+                return _count(meta_model, shape, batch_size, convention, 'meta')
         except Exception as error:  # any failure of the shape-only pass: count for real
             print_log(
                 f'shape-only (meta) FLOP count failed ({type(error).__name__}: '

@@ -141,10 +141,14 @@ def test_measure_case_in_process_reports_medians_and_memory():
             backbone=TINY_RESNET,
             warmup=1,
             repeats=3,
-            threads=1))
+            threads=1,
+            timer='cpu'))
     assert row['min_ms'] <= row['median_ms'] <= row['max_ms']
     assert row['images_per_s'] == pytest.approx(2000 / row['median_ms'])
     assert row['extra_mem_mb'] > 0 and row['params'] > 0 and row['threads'] == 1
+    with pytest.raises(ValueError, match='threads=1'):
+        BenchmarkCase(shape=(64, 64), batch_size=1, mode='train', backbone=TINY_RESNET,
+                      timer='cpu')
 
 
 def test_benchmark_tool_runs_cases_in_subprocesses(tmp_path):

@@ -19,9 +19,10 @@ import os
 from mmengine.config import DictAction
 
 from mmsparsevit.analysis import BACKBONE_PRESETS
-from mmsparsevit.analysis.benchmark import MODES, BenchmarkCase, run_case_in_subprocess
+from mmsparsevit.analysis.benchmark import MODES, TIMERS, BenchmarkCase, run_case_in_subprocess
 
-COLUMNS = ('label', 'mode', 'device', 'batch_size', 'height', 'width', 'threads', 'params',
+COLUMNS = ('label', 'mode', 'device', 'batch_size', 'height', 'width', 'threads', 'timer',
+           'params',
            'median_ms', 'min_ms', 'mean_ms', 'max_ms', 'images_per_s', 'peak_mem_mb',
            'extra_mem_mb', 'mem_method', 'warmup', 'repeats', 'config', 'backbone',
            'backbone_only', 'error')
@@ -44,6 +45,12 @@ def parse_args(argv=None):
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch)')
+    parser.add_argument(
+        '--timer',
+        choices=TIMERS,
+        default='wall',
+        help='wall clock, or process CPU time (CPU with --threads 1: robust on a shared '
+        'machine)')
     parser.add_argument('--timeout', type=float, help='seconds allowed per case')
     parser.add_argument('--label', help='name of the model in the results')
     parser.add_argument('--out', help='write OUT.csv and OUT.json')
@@ -100,7 +107,8 @@ def main(argv=None):
             repeats=args.repeats,
             threads=args.threads,
             cfg_options=args.cfg_options,
-            label=args.label) for mode in args.modes for shape in args.shape
+            label=args.label,
+            timer=args.timer) for mode in args.modes for shape in args.shape
         for batch_size in args.batch_sizes
     ]
     rows = []

@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mmsparsevit.analysis import (BACKBONE_PRESETS, CURVE_PRESETS, build_model,  # noqa: E402
                                   load_model_spec, measure_complexity)
-from mmsparsevit.analysis.benchmark import BenchmarkCase, run_case_in_subprocess  # noqa: E402
+from mmsparsevit.analysis.benchmark import (TIMERS, BenchmarkCase,  # noqa: E402
+                                            run_case_in_subprocess)
 
 DEFAULT_SIZES = (224, 384, 512, 768, 1024, 1280, 1536)
 
@@ -45,6 +46,11 @@ def parse_args(argv=None):
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch)')
+    parser.add_argument(
+        '--timer',
+        choices=TIMERS,
+        default='wall',
+        help='wall clock, or process CPU time (CPU with --threads 1)')
     parser.add_argument(
         '--max-seconds',
         type=float,
@@ -100,7 +106,8 @@ def sweep_measured(models, sizes, args):
                 warmup=args.warmup,
                 repeats=args.repeats,
                 threads=args.threads,
-                label=name)
+                label=name,
+                timer=args.timer)
             print(f'[{index}/{cases}] {case.describe()}', flush=True)
             row = run_case_in_subprocess(case, args.timeout)
             rows.append(dict(row, model=name, size=size))
