@@ -22,7 +22,6 @@ import os
 import subprocess
 from typing import Any, Dict, Mapping, MutableMapping, Optional
 
-import torch
 import torch.distributed as torch_dist
 from mmengine.config import Config
 from mmengine.device import get_device

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from ddp_probe import tensor_digest
 from mmengine.runner import CheckpointLoader
 
 import mmsparsevit  # noqa: F401  allow-lists what mmengine checkpoints hold for torch.load
-from ddp_probe import tensor_digest
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE_DIR = Path(__file__).resolve().parent

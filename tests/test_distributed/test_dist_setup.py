@@ -72,8 +72,8 @@ def single_rank_env(monkeypatch):
 
 def test_cpu_setup_initialises_gloo_and_adapts_the_config(single_rank_env):
     cfg = Config(dict(
-        env_cfg=dict(mp_cfg=dict(mp_start_method='fork'), dist_cfg=dict(backend='nccl',
-                                                                         timeout=60)),
+        env_cfg=dict(mp_cfg=dict(mp_start_method='fork'),
+                     dist_cfg=dict(backend='nccl', timeout=60)),
         sync_bn='torch',
         find_unused_parameters=True,
         model=dict(
