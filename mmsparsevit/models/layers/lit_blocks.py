@@ -12,6 +12,19 @@ from mmengine.model import BaseModule
 from .lit_attention import LITAttention
 
 
+def _residual_ffn(embed_dims: int, mlp_ratio: float, drop_rate: float, drop_path_rate: float,
+                  act_cfg: dict) -> FFN:
+    """Two-layer FFN that adds its input back through DropPath (the authors' ``Mlp``)."""
+    return FFN(
+        embed_dims=embed_dims,
+        feedforward_channels=int(embed_dims * mlp_ratio),
+        num_fcs=2,
+        ffn_drop=drop_rate,
+        dropout_layer=dict(type='DropPath', drop_prob=drop_path_rate),
+        act_cfg=act_cfg,
+        add_identity=True)
+
+
 class LITMLPBlock(BaseModule):
     """Pre-norm MLP block without attention: ``x + DropPath(FFN(LN(x)))``.
 
@@ -38,14 +51,7 @@ class LITMLPBlock(BaseModule):
         super().__init__(init_cfg=init_cfg)
         self.with_cp = with_cp
         self.norm = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.ffn = FFN(
-            embed_dims=embed_dims,
-            feedforward_channels=int(embed_dims * mlp_ratio),
-            num_fcs=2,
-            ffn_drop=drop_rate,
-            dropout_layer=dict(type='DropPath', drop_prob=drop_path_rate),
-            act_cfg=act_cfg,
-            add_identity=True)
+        self.ffn = _residual_ffn(embed_dims, mlp_ratio, drop_rate, drop_path_rate, act_cfg)
 
     def _inner_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn(self.norm(x), identity=x)
@@ -92,7 +98,6 @@ class LITAttentionBlock(BaseModule):
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.with_cp = with_cp
-        drop_path_cfg = dict(type='DropPath', drop_prob=drop_path_rate)
         self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
         self.attn = LITAttention(
             embed_dims,
@@ -101,16 +106,9 @@ class LITAttentionBlock(BaseModule):
             attn_drop_rate=attn_drop_rate,
             proj_drop_rate=drop_rate,
             rel_pos_size=rel_pos_size)
-        self.drop_path = build_dropout(drop_path_cfg)
+        self.drop_path = build_dropout(dict(type='DropPath', drop_prob=drop_path_rate))
         self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.ffn = FFN(
-            embed_dims=embed_dims,
-            feedforward_channels=int(embed_dims * mlp_ratio),
-            num_fcs=2,
-            ffn_drop=drop_rate,
-            dropout_layer=drop_path_cfg,
-            act_cfg=act_cfg,
-            add_identity=True)
+        self.ffn = _residual_ffn(embed_dims, mlp_ratio, drop_rate, drop_path_rate, act_cfg)
 
     def _inner_forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
