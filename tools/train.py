@@ -18,6 +18,7 @@ import mmsparsevit.models  # noqa: F401  registers this package's modules
 from mmsparsevit.apis import ConfigCheckError
 from mmsparsevit.apis.cli import (add_common_args, build_runner, load_config, parse_common,
                                   run_reporting_input_errors)
+from mmsparsevit.engine import harden_train_config
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -65,7 +66,8 @@ def train_config(args: argparse.Namespace) -> Config:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    run_reporting_input_errors(lambda: build_runner(train_config(args), 'train').train())
+    run_reporting_input_errors(
+        lambda: build_runner(harden_train_config(train_config(args)), 'train').train())
 
 
 if __name__ == '__main__':

@@ -1,0 +1,118 @@
+"""The failure behaviour every ``tools/train.py`` run gets, applied to its config."""
+import copy
+from typing import Any, Iterator, List, Optional
+
+from mmengine.config import Config
+
+from .atomic_io import ATOMIC_BACKEND
+from .resume import find_resumable_checkpoint
+
+__all__ = ['harden_train_config']
+
+_ENGINE_MODULE = 'mmsparsevit.engine'
+_HOOKS = ('mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook')
+_SAMPLE_CHECK = 'mmsparsevit.CheckLoadedSample'
+_ANNOTATION_LOADERS = ('LoadAnnotations', 'LoadPanopticAnnotations')
+_IMAGE_LOADERS = ('LoadImageFromFile', )
+
+
+def _type_name(transform: Any) -> str:
+    kind = transform.get('type') if isinstance(transform, dict) else None
+    name = kind.__name__ if isinstance(kind, type) else str(kind)
+    return name.split('.')[-1]
+
+
+def _datasets(dataset: Any) -> Iterator[dict]:
+    if not isinstance(dataset, dict):
+        return
+    if 'dataset' in dataset:
+        yield from _datasets(dataset['dataset'])
+    elif 'datasets' in dataset:
+        for child in dataset['datasets']:
+            yield from _datasets(child)
+    else:
+        yield dataset
+
+
+def _decode_head(model: dict) -> Optional[dict]:
+    head = model.get('decode_head')
+    if isinstance(head, (list, tuple)):
+        head = head[-1] if head else None
+    return head if isinstance(head, dict) else None
+
+
+def _with_sample_check(pipeline: List, check: dict) -> List:
+    names = [_type_name(transform) for transform in pipeline]
+    if _SAMPLE_CHECK.split('.')[-1] in names:
+        return pipeline
+    for loaders in (_ANNOTATION_LOADERS, _IMAGE_LOADERS):
+        positions = [index for index, name in enumerate(names) if name in loaders]
+        if positions:
+            position = positions[-1] + 1
+            return [*pipeline[:position], copy.deepcopy(check), *pipeline[position:]]
+    return pipeline
+
+
+def _hook_types(hooks: List) -> List[str]:
+    return [str(hook.get('type')).split('.')[-1] for hook in hooks if isinstance(hook, dict)]
+
+
+def harden_train_config(cfg: Config) -> Config:
+    """Give a training config this package's failure behaviour (see docs/failure_behaviour.md).
+
+    - checkpoints are written atomically (``default_hooks.checkpoint`` saves through the
+      ``local_atomic`` file backend when it writes to a local folder);
+    - a NaN/infinite loss stops training before it touches the weights
+      (``NonFiniteLossHook``, unless the config already lists one, e.g. with
+      ``action='skip'``);
+    - the training annotations are audited before the first iteration (``DataAuditHook``)
+      and every loaded sample is checked (``CheckLoadedSample`` after the annotation loader
+      of each pipeline);
+    - ``resume=True`` without ``load_from`` resumes from the newest *readable* checkpoint of
+      the work dir (:func:`~mmsparsevit.engine.resume.find_resumable_checkpoint`).
+
+    Args:
+        cfg (Config): A merged training config with ``work_dir`` set; changed in place.
+
+    Returns:
+        Config: ``cfg``.
+
+    Raises:
+        ResumeError: ``resume`` is set and the work dir holds only unusable checkpoints.
+    """
+    imports = cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False)
+    modules = imports.get('imports', [])
+    modules = [modules] if isinstance(modules, str) else list(modules)
+    if _ENGINE_MODULE not in modules:
+        imports['imports'] = modules + [_ENGINE_MODULE]
+    cfg.custom_imports = imports
+
+    default_hooks = cfg.get('default_hooks')
+    if default_hooks is None:
+        cfg.default_hooks = default_hooks = dict()
+    if 'checkpoint' not in default_hooks:
+        default_hooks['checkpoint'] = dict(type='CheckpointHook', interval=1)
+    checkpoint_hook = default_hooks['checkpoint']
+    if (isinstance(checkpoint_hook, dict) and checkpoint_hook.get('backend_args') is None
+            and checkpoint_hook.get('file_client_args') is None
+            and '://' not in str(checkpoint_hook.get('out_dir') or '')):
+        checkpoint_hook['backend_args'] = dict(backend=ATOMIC_BACKEND)
+
+    custom_hooks = list(cfg.get('custom_hooks') or [])
+    present = _hook_types(custom_hooks)
+    custom_hooks += [dict(type=hook) for hook in _HOOKS if hook.split('.')[-1] not in present]
+    cfg.custom_hooks = custom_hooks
+
+    head = _decode_head(cfg.get('model') or {})
+    check = dict(type=_SAMPLE_CHECK)
+    if head is not None and 'num_classes' in head:
+        check.update(num_classes=head['num_classes'], ignore_index=head.get('ignore_index', 255))
+    for phase in ('train', 'val', 'test'):
+        loader = cfg.get(f'{phase}_dataloader')
+        for dataset in _datasets((loader or {}).get('dataset')):
+            if isinstance(dataset.get('pipeline'), (list, tuple)):
+                dataset['pipeline'] = _with_sample_check(list(dataset['pipeline']), check)
+
+    if cfg.get('resume') and cfg.get('load_from') is None:
+        cfg.load_from = find_resumable_checkpoint(cfg.work_dir)
+    return cfg
