@@ -1,6 +1,7 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 import pytest
 import torch
+from mmengine.optim import DefaultOptimWrapperConstructor
 from test_lit_reference import PUBLISHED_WITHOUT_HEAD, count
 
 from mmsparsevit.models.backbones import LIT
@@ -147,3 +148,17 @@ def test_backbone_trains_under_bfloat16_autocast():
             low = model(img)
     for a, b in zip(low, reference):
         assert ((a.float() - b).abs().max() / b.abs().max()) < 0.1
+
+
+def test_documented_offset_lr_multiplier_reaches_exactly_the_offset_convs():
+    model = LIT(arch=SMALL_ARCH)
+    constructor = DefaultOptimWrapperConstructor(
+        dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-4, weight_decay=1e-4)),
+        dict(custom_keys={'conv_offset': dict(lr_mult=0.01)}))
+    optimizer = constructor(model).optimizer
+    names = {id(p): n for n, p in model.named_parameters()}
+    slow = sorted(names[id(p)] for group in optimizer.param_groups
+                  if group['lr'] == pytest.approx(1e-6)
+                  for p in group['params'])
+    assert slow == sorted(f'stages.{i}.downsample.conv_offset.{p}' for i in (1, 2, 3)
+                          for p in ('weight', 'bias'))
