@@ -180,6 +180,8 @@ class _KNNAttentionFunction(torch.autograd.Function):
             out[..., rows, :] = out_rows.to(acc_dtype).div_(denom)
             thresholds[..., rows, :] = threshold
             log_sum_exp[..., rows, :] = row_max + denom.log()
+            # Free this chunk's (rows, N) buffers before the next chunk allocates its own.
+            del logits, probs
         ctx.save_for_backward(scaled_query, key, value, attn_bias, attn_mask, out, thresholds,
                               log_sum_exp)
         ctx.scale = scale
@@ -231,6 +233,7 @@ class _KNNAttentionFunction(torch.autograd.Function):
                 grad_q[..., rows, :] = torch.matmul(grad_logits, key_acc).mul_(scale)
             if need_k:
                 grad_k += torch.matmul(grad_logits.transpose(-2, -1), query_rows.to(acc_dtype))
+            del logits, probs, dropped_probs, grad_probs, grad_logits
         return (None if grad_q is None else grad_q.to(scaled_query.dtype),
                 None if grad_k is None else grad_k.to(key.dtype),
                 None if grad_v is None else grad_v.to(value.dtype),
