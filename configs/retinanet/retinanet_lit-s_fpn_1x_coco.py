@@ -1,6 +1,7 @@
-# RetinaNet 1x, LIT-S: as LIT-Ti, plus the authors' LIT-S choices: drop path 0.2 and no weight
-# decay on relative-position tables and norms.
-_base_ = ['./retinanet_pvtv2-b2_fpn_1x_coco.py', '../_base_/backbones/lit-s.py']
+# RetinaNet 1x, LIT-S: the LIT-Ti recipe (offset convolutions at 0.01x the lr) plus the
+# authors' LIT-S choices: drop path 0.2, relative-position tables laid out for 800-pixel
+# inputs, no weight decay on those tables and on norms.
+_base_ = ['./retinanet_pvtv2-b2_fpn_1x_coco.py', '../_base_/backbones/lit-s_coco.py']
 custom_imports = dict(imports=['mmsparsevit.models'], allow_failed_imports=False)
 
 model = dict(

@@ -1,6 +1,7 @@
-# UperNet 160k, LIT-S: as LIT-Ti (offset convolutions at 0.01x the lr), with the
-# authors' drop-path rate for LIT-S (0.2).
-_base_ = ['./upernet_swin-t_4xb4-160k_ade20k-512x512.py', '../_base_/backbones/lit-s.py']
+# UperNet 160k, LIT-S: the LIT-Ti recipe (offset convolutions at 0.01x the lr) plus the
+# authors' LIT-S choices for ADE20K: drop path 0.2, relative-position tables laid out for
+# 512-pixel inputs, a LayerNorm on every output.
+_base_ = ['./upernet_swin-t_4xb4-160k_ade20k-512x512.py', '../_base_/backbones/lit-s_ade20k.py']
 custom_imports = dict(imports=['mmsparsevit.models'], allow_failed_imports=False)
 
 model = dict(

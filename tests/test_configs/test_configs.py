@@ -237,3 +237,21 @@ def test_config_trains_and_tests_one_step(path, fixture_data):
     metrics = evaluator.evaluate(len(test_loader.dataset))
     key = 'coco/bbox_mAP' if cfg.default_scope == 'mmdet' else 'mIoU'
     assert key in metrics, sorted(metrics)
+
+
+# Whole-model parameter counts (millions) the LIT paper reports for its dense models.
+LIT_PUBLISHED_PARAMS = {
+    'retinanet/retinanet_lit-ti_fpn_1x_coco': 30,
+    'retinanet/retinanet_lit-s_fpn_1x_coco': 39,
+    'mask_rcnn/mask-rcnn_lit-ti_fpn_1x_coco': 40,
+    'mask_rcnn/mask-rcnn_lit-s_fpn_1x_coco': 48,
+    'fpn/fpn_lit-ti_4xb4-80k_ade20k-512x512': 24,
+    'fpn/fpn_lit-s_4xb4-80k_ade20k-512x512': 32,
+}
+
+
+@pytest.mark.parametrize('name, millions', list(LIT_PUBLISHED_PARAMS.items()))
+def test_lit_models_have_the_published_parameter_counts(name, millions):
+    model = build_model(load(CONFIG_ROOT / f'{name}.py'))
+    total = sum(p.numel() for p in model.parameters())
+    assert round(total / 1e6) == millions, total

@@ -1,11 +1,14 @@
-# LIT-S as a dense-prediction backbone (four NCHW maps, strides 4-32), initialised from the
-# authors' ImageNet-1k checkpoint. A task config takes it with
+# LIT-S as a COCO backbone (four NCHW maps, strides 4-32), initialised from the authors'
+# ImageNet-1k checkpoint. As in the authors' detection models, the relative-position tables
+# are laid out for 800-pixel inputs (the 224-pixel ImageNet tables are resized on loading).
+# A task config takes it with
 #   model = dict(backbone={{_base_.backbone}}, neck=dict(in_channels={{_base_.backbone_channels}}))
 # where `_delete_` replaces the inherited backbone with this one as a whole.
 backbone = dict(
     _delete_=True,
     type='mmsparsevit.LIT',
     arch='small',
+    pretrain_img_size=800,
     drop_path_rate=0.2,
     init_cfg=dict(type='Pretrained', checkpoint='checkpoints/lit_s.pth'))
 backbone_channels = [96, 192, 384, 768]
