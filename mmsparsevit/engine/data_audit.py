@@ -1,8 +1,8 @@
 """Report what mmdet's COCO loading silently drops, and stop on annotations it misreads.
 
 mmdet's ``CocoDataset`` skips boxes of zero area or outside their image, annotations of
-categories that are not in the dataset's classes and (with ``filter_empty_gt``) images left
-without boxes, all without a word. :func:`audit_coco_annotations` repeats those rules on the
+categories that are not in the dataset's classes and (with ``filter_empty_gt``) images
+without annotations, all without a word. :func:`audit_coco_annotations` repeats those rules on the
 annotation file and logs what they drop, naming the image files, and raises for a
 ``category_id`` the file does not define (a data error, not a class subset).
 """
@@ -45,7 +45,8 @@ def audit_coco_annotations(ann_file: str,
 
     Returns:
         dict[str, list[str]]: Image files per finding: ``'zero_area'``, ``'outside_image'``,
-        ``'partly_outside'`` and ``'no_boxes'`` (each also logged as a warning).
+        ``'partly_outside'``, ``'all_boxes_dropped'`` and ``'unannotated'`` (each also logged
+        as a warning).
 
     Raises:
         DataCheckError: An annotation refers to an image or a category the file does not
@@ -58,7 +59,7 @@ def audit_coco_annotations(ann_file: str,
     kept_categories = {cid for cid, name in categories.items()
                        if classes is None or name in classes}
     findings: Dict[str, List[str]] = defaultdict(list)
-    kept_boxes: Dict[int, int] = defaultdict(int)
+    annotated, kept_boxes = set(), set()
     for ann in content.get('annotations', []):
         image = images.get(ann.get('image_id'))
         if image is None:
@@ -70,6 +71,9 @@ def audit_coco_annotations(ann_file: str,
                 f'{ann_file}: annotation {ann.get("id")} of image {image_file} has category_id '
                 f'{ann.get("category_id")}, which is not among the file\'s categories '
                 f'{sorted(categories)}')
+        if ann['category_id'] not in kept_categories:
+            continue
+        annotated.add(image['id'])
         if ann.get('ignore', False):
             continue
         x1, y1, w, h = ann['bbox']
@@ -83,17 +87,23 @@ def audit_coco_annotations(ann_file: str,
             continue
         if x1 < 0 or y1 < 0 or x1 + w > image['width'] or y1 + h > image['height']:
             findings['partly_outside'].append(image_file)
-        if ann['category_id'] in kept_categories:
-            kept_boxes[image['id']] += 1
-    findings['no_boxes'] = [osp.join(img_prefix, image['file_name'])
-                            for image_id, image in images.items() if not kept_boxes[image_id]]
+        kept_boxes.add(image['id'])
+    # mmdet's filter_empty_gt keeps every image with an annotation of a kept class, even when
+    # all of its boxes were dropped above; such images train as background.
+    for image_id, image in images.items():
+        if image_id not in annotated:
+            findings['unannotated'].append(osp.join(img_prefix, image['file_name']))
+        elif image_id not in kept_boxes:
+            findings['all_boxes_dropped'].append(osp.join(img_prefix, image['file_name']))
     messages = {
         'zero_area': 'boxes of zero area (or under 1 px) are dropped, in',
         'outside_image': 'boxes entirely outside their image are dropped, in',
         'partly_outside': 'boxes reaching beyond their image are kept and clipped by the '
         'pipeline, in',
-        'no_boxes': ('images without any usable box are left out of training:' if
-                     filter_empty_gt else 'images without any usable box train as background:'),
+        'all_boxes_dropped': 'images lost all their boxes to the rules above and train as '
+        'background:',
+        'unannotated': ('images without annotations are left out of training:' if
+                        filter_empty_gt else 'images without annotations train as background:'),
     }
     for finding, message in messages.items():
         files = sorted(set(findings[finding]))
