@@ -47,6 +47,7 @@ def data_options(config: Path, data_root: Path) -> list:
                     for name in ('val_evaluator', 'test_evaluator')]
     else:
         options += [f'{loader}.dataset.data_root={data_root / "ade"}/' for loader in loaders]
+        options.append(f'model.data_preprocessor.size=({FIXTURE_SIZE},{FIXTURE_SIZE})')
     return options
 
 
