@@ -13,7 +13,9 @@ backward.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak of live tensor
 storage allocated by the measured call, tracked per operator (kernel-internal scratch
-buffers are not seen). Times: warm-up runs, then the median of ``--repeat`` runs.
+buffers are not seen). Times: warm-up runs, then the median of ``--repeat`` runs, by the
+wall clock or (``--timer cpu``, with ``--threads 1``) by this process's CPU time, which a
+busy shared machine disturbs much less.
 
 Examples:
     python tools/analysis_tools/benchmark_vicinity_attention.py --threads 2
@@ -100,16 +102,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeat: int) -> float:
+def median_ms(fn: Callable[[], None],
+              device: torch.device,
+              warmup: int,
+              repeat: int,
+              clock: Callable[[], float] = time.perf_counter) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
         synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((clock() - start) * 1e3)
     return statistics.median(times)
 
 
@@ -160,8 +166,8 @@ def attention_rows(args: argparse.Namespace, device: torch.device) -> List[Dict]
 
             row = dict(
                 part='attention', method=method, tokens=tokens, side=side, batch=args.batch,
-                dim=args.dim, mode='fwd+bwd', median_ms=median_ms(step, device, args.warmup,
-                                                                  args.repeat),
+                dim=args.dim, mode='fwd+bwd',
+                median_ms=median_ms(step, device, args.warmup, args.repeat, args.clock),
                 peak_mb=peak_mb(step, device))
             if previous is not None:
                 row['time_growth'] = row['median_ms'] / previous['median_ms']
@@ -197,7 +203,7 @@ def backbone_rows(args: argparse.Namespace, device: torch.device) -> List[Dict]:
             row = dict(
                 part='backbone', method=f'VVT-{args.arch}', tokens=(size // 4)**2, side=size,
                 batch=args.backbone_batch, mode=mode,
-                median_ms=median_ms(step, device, args.warmup, args.repeat),
+                median_ms=median_ms(step, device, args.warmup, args.repeat, args.clock),
                 peak_mb=peak_mb(step, device))
             rows.append(row)
             print_row(row)
@@ -220,6 +226,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, help='CPU threads (torch.set_num_threads)')
     parser.add_argument(
         '--amp', action='store_true', help='autocast: bfloat16 on CPU, float16 on CUDA')
+    parser.add_argument(
+        '--timer', choices=('wall', 'cpu'), default='wall',
+        help='wall clock, or CPU time of this process (steadier on a shared machine; '
+        'CPU only, use with --threads 1)')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--repeat', type=int, default=5)
     parser.add_argument(
@@ -247,12 +257,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.timer == 'cpu' and device.type != 'cpu':
+        raise SystemExit('--timer cpu measures CPU time and needs --device cpu')
+    args.clock = time.process_time if args.timer == 'cpu' else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     environment = dict(
         torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
-        amp=args.amp, cpu=platform.processor() or platform.machine(),
+        amp=args.amp, timer=args.timer, cpu=platform.processor() or platform.machine(),
         gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None)
     print(json.dumps(environment))
     rows = []
