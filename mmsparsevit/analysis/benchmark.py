@@ -21,8 +21,8 @@ Memory method (one extra pass after the timed ones, so it does not perturb them)
 Latency: ``warmup`` untimed passes, then ``repeats`` timed passes (CUDA synchronised);
 the median is reported with min/mean/max. ``timer='wall'`` reads the wall clock;
 ``timer='cpu'`` (CPU, one thread) reads this process's CPU time, which other processes on a
-busy shared machine disturb far less than the wall clock. Training = forward + backward of the sum of the
-outputs (``mode='tensor'`` for full models; no loss target assignment), with
+busy shared machine disturb far less than the wall clock. Training = forward + backward of
+the sum of the outputs (``mode='tensor'`` for full models; no loss target assignment), with
 ``zero_grad(set_to_none=True)`` between passes.
 """
 import ctypes

@@ -137,9 +137,10 @@ def forward_fn(model: nn.Module, images: torch.Tensor,
     return lambda: model(images, data_samples, mode='tensor')
 
 
-def sum_outputs(outputs: Any) -> torch.Tensor:
-    """Sum of every floating tensor in nested outputs: the scalar the training
-    benchmark back-propagates (shapes the same backward pass a loss would)."""
+def sum_outputs(outputs: Any) -> Optional[torch.Tensor]:
+    """Sum of every floating tensor that requires grad in nested outputs (None if there is
+    none): the scalar the training benchmark back-propagates, which drives the same backward
+    pass through the model as a loss would."""
     if isinstance(outputs, torch.Tensor):
         if outputs.is_floating_point() and outputs.requires_grad:
             return outputs.float().sum()

@@ -1,4 +1,4 @@
-"""Latency, images/s and peak memory of a backbone or detector/segmentor.
+r"""Latency, images/s and peak memory of a backbone or detector/segmentor.
 
 Every (resolution, batch size, mode) case runs in a fresh process: warm-up passes, then
 timed passes; the median is reported (with min/mean/max). Peak memory: on CPU the process's
@@ -8,8 +8,8 @@ model is built), on CUDA ``max_memory_allocated``; see mmsparsevit/analysis/benc
 Examples::
 
     python tools/analysis_tools/benchmark.py --backbone vvt-s --shape 224 512 --threads 2
-    python tools/analysis_tools/benchmark.py configs/fpn/CONFIG.py --shape 512 \
-        --modes inference train --batch-sizes 1 2 --out work_dirs/bench/fpn
+    python tools/analysis_tools/benchmark.py configs/fpn/fpn_vvt-s_4xb4-80k_ade20k-512x512.py \
+        --shape 512 --modes inference train --batch-sizes 1 2 --out work_dirs/bench/fpn
 """
 import argparse
 import csv

@@ -1,4 +1,4 @@
-"""Cost versus input resolution for VVT, LIT, KVT and their baselines.
+r"""Cost versus input resolution for VVT, LIT, KVT and their baselines.
 
 Sweeps square inputs (224² to 1536² by default) and writes, under --out-dir:
 

@@ -1,4 +1,4 @@
-"""Parameters and FLOPs of a backbone or a detector/segmentor.
+r"""Parameters and FLOPs of a backbone or a detector/segmentor.
 
 One multiply-add is one FLOP. Counted: convolutions, deformable convolutions (as
 convolutions), linear layers and every matrix product, so attention matrix products
@@ -10,9 +10,11 @@ estimates for norms, up-sampling and pooling). Full models run in ``mode='tensor
 Examples::
 
     python tools/analysis_tools/get_flops.py --backbone swin-t --shape 224
-    python tools/analysis_tools/get_flops.py --backbone "dict(type='mmsparsevit.VVT', arch='small')"
-    python tools/analysis_tools/get_flops.py configs/retinanet/CONFIG.py --shape 800 1280
-    python tools/analysis_tools/get_flops.py configs/fpn/CONFIG.py --shape 512 --backbone-only
+    python tools/analysis_tools/get_flops.py --backbone "dict(type='mmsparsevit.VVT')"
+    python tools/analysis_tools/get_flops.py configs/retinanet/retinanet_vvt-s_fpn_1x_coco.py \
+        --shape 800 1280
+    python tools/analysis_tools/get_flops.py configs/fpn/fpn_vvt-s_4xb4-80k_ade20k-512x512.py \
+        --shape 512 --backbone-only
 """
 import argparse
 import json
