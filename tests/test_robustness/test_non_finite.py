@@ -1,10 +1,12 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """A NaN/Inf loss stops (or skips) training before it reaches the weights; bf16 stays finite."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.structures import BaseDataElement
 from robustness_utils import capture_warnings, toy_runner
 
 from mmsparsevit.engine import NonFiniteLossError, NonFiniteLossHook, harden_train_config
@@ -114,3 +116,14 @@ def test_vvt_stays_finite_under_bf16_on_a_large_magnitude_image():
         outputs = model(image)
     assert [tuple(o.shape[2:]) for o in outputs] == [(64, 64), (32, 32), (16, 16), (8, 8)]
     assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_message_names_every_loss_term_and_the_batch_images():
+    samples = [BaseDataElement(metainfo=dict(img_path=f'data/train/{i:06d}.jpg')) for i in (3, 7)]
+    message = NonFiniteLossHook._describe(
+        SimpleNamespace(iter=36, epoch=1), math.nan,
+        dict(loss=torch.tensor(math.nan), loss_cls=torch.tensor(math.nan),
+             loss_bbox=torch.tensor(0.25)), dict(inputs=[], data_samples=samples))
+    assert message == ('the training loss is NaN at iteration 37 (epoch 2): loss=nan, '
+                       'loss_cls=nan, loss_bbox=0.25 (batch images: data/train/000003.jpg, '
+                       'data/train/000007.jpg)')

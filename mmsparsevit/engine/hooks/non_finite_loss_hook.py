@@ -74,6 +74,7 @@ class NonFiniteLossHook(Hook):
                 self._guard(wrapper)
 
     def _guard(self, wrapper: OptimWrapper) -> None:
+        """Route ``wrapper.update_params`` through the check (once, however often resumed)."""
         update_params = getattr(wrapper, '_update_params_unguarded', wrapper.update_params)
         wrapper._update_params_unguarded = update_params
 
@@ -129,10 +130,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _batch_images(data_batch: Any) -> List[str]:
-    samples: Sequence = data_batch.get('data_samples') or () if isinstance(data_batch,
-                                                                           dict) else ()
+    if not isinstance(data_batch, dict):
+        return []
+    samples: Sequence = data_batch.get('data_samples') or ()
     paths = [
-        str(sample.metainfo.get('img_path')) for sample in samples
+        str(sample.metainfo['img_path']) for sample in samples
         if hasattr(sample, 'metainfo') and sample.metainfo.get('img_path')
     ]
     if len(paths) > _MAX_QUOTED_IMAGES:
