@@ -157,3 +157,22 @@ def test_train_tool_reports_a_work_dir_of_unusable_checkpoints(tmp_path):
     message = str(exited.value.code)
     assert message.startswith(f'error: --resume: no usable checkpoint in {tmp_path} (')
     assert 'Pass --resume PATH' in message
+
+
+def test_train_tool_runs_every_config_hardened(tmp_path, monkeypatch):
+    train_tool = load_tool('train.py')
+    built = []
+
+    def capture(cfg, mode):
+        built.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_tool, 'build_runner', capture)
+    with pytest.raises(SystemExit):
+        train_tool.main([str(DET_CONFIG), '--work-dir', str(tmp_path)])
+    cfg = built[0]
+    assert cfg.default_hooks.checkpoint.backend_args == dict(backend='local_atomic')
+    assert [hook['type'] for hook in cfg.custom_hooks] == [
+        'mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook']
+    assert 'mmsparsevit.engine' in cfg.custom_imports.imports
+    assert dict(type='mmsparsevit.CheckLoadedSample') in cfg.train_dataloader.dataset.pipeline
