@@ -210,10 +210,12 @@ def test_converter_round_trip_official_layout():
 def test_converter_rejects_other_architectures():
     with pytest.raises(KeyError, match='layers.0.blocks.0.attn.qkv.weight'):
         convert_vvt_checkpoint({'layers.0.blocks.0.attn.qkv.weight': torch.zeros(3)})
-    other = convert_vvt_checkpoint(official_model(dict(SMALL_ARCH, depths=(1, 1, 1, 1))).state_dict())
+    other = convert_vvt_checkpoint(
+        official_model(dict(SMALL_ARCH, depths=(1, 1, 1, 1))).state_dict())
     with pytest.raises(ValueError, match=r'missing keys \[\'stages\.1\.blocks\.1\.'):
         check_vvt_state_dict(VVT(arch=SMALL_ARCH), other, source='other.pth')
-    wider = convert_vvt_checkpoint(official_model(dict(SMALL_ARCH, mlp_ratios=(4, 2, 4, 2))).state_dict())
+    wider = convert_vvt_checkpoint(
+        official_model(dict(SMALL_ARCH, mlp_ratios=(4, 2, 4, 2))).state_dict())
     with pytest.raises(ValueError, match=r'stages\.0\.blocks\.0\.ffn\.fc1\.weight: checkpoint'):
         check_vvt_state_dict(VVT(arch=SMALL_ARCH), wider, source='wider.pth')
 

@@ -95,8 +95,8 @@ class VVTBlock(BaseModule):
             position_form=position_form)
         self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
         self.ffn = VVTFFN(embed_dims, int(embed_dims * mlp_ratio), act_cfg=act_cfg)
-        self.drop_path = build_dropout(
-            dict(type='DropPath', drop_prob=drop_path_rate)) if drop_path_rate > 0 else nn.Identity()
+        self.drop_path = nn.Identity() if drop_path_rate <= 0 else build_dropout(
+            dict(type='DropPath', drop_prob=drop_path_rate))
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
 
@@ -385,7 +385,10 @@ class VVT(BaseModule):
         checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu', logger=logger)
         if prefix:
             state_dict = _unwrap_state_dict(checkpoint)
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            state_dict = {
+                key[len(prefix):]: value
+                for key, value in state_dict.items() if key.startswith(prefix)
+            }
             if not state_dict:
                 raise KeyError(f'{filename}: no key starts with prefix {prefix!r}')
             checkpoint = state_dict

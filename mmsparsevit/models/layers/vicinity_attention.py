@@ -210,7 +210,8 @@ class VicinityAttention(BaseModule):
         with autocast_disabled:
 
             def split_heads(x: Tensor) -> Tensor:
-                return x.to(compute_dtype).view(batch, num_tokens, heads, head_dims).transpose(1, 2)
+                x = x.to(compute_dtype).view(batch, num_tokens, heads, head_dims)
+                return x.transpose(1, 2)
 
             query = F.relu(split_heads(query))
             key = F.relu(split_heads(key))
