@@ -15,8 +15,8 @@ from mmengine.registry import DATASETS, init_default_scope
 from robustness_utils import (DET_CONFIG, SEG_CONFIG, capture_warnings, fixture_config,
                               make_fixture_data)
 
-from mmsparsevit.engine import (DataAuditHook, DataCheckError, audit_coco_annotations,
-                                data_audit, harden_train_config)
+from mmsparsevit.engine import (DataAuditHook, DataCheckError, audit_coco_annotations, data_audit,
+                                harden_train_config)
 
 SEG_NUM_CLASSES = 4
 
