@@ -10,6 +10,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from ..utils.dist import setup_distributed
 from .preflight import ConfigCheckError, check_config, describe_data_error
 
 Result = TypeVar('Result')
@@ -58,8 +59,10 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def build_runner(cfg: Config, mode: str) -> Runner:
-    """Check the config's data and channels (:func:`check_config`), then build its runner."""
+    """Check the config's data and channels (:func:`check_config`), prepare distributed
+    training for ``cfg.launcher`` (:func:`setup_distributed`), then build the runner."""
     check_config(cfg, mode)
+    setup_distributed(cfg, cfg.get('launcher', 'none'))
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 
