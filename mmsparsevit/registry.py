@@ -1,15 +1,25 @@
-"""The mmsparsevit registry.
+"""The mmsparsevit registries.
 
-``MODELS`` is a child of mmengine's root registry with the scope ``mmsparsevit``. A config of
-any OpenMMLab toolbox can therefore build this package's modules as
-``type='mmsparsevit.<Name>'``; mmengine imports ``mmsparsevit.models`` (``locations``) on the
-first such look-up, and names of root-level bricks (``'LN'``, ``'GELU'``, ``'DropPath'``) built
-inside our modules resolve through the parent.
+Each is a child of mmengine's root registry of its kind with the scope ``mmsparsevit``. A config
+of any OpenMMLab toolbox can therefore build this package's modules as
+``type='mmsparsevit.<Name>'``; mmengine imports the registry's ``locations`` on the first such
+look-up, and names of root-level bricks (``'LN'``, ``'GELU'``, ``'DropPath'``) built inside our
+modules resolve through the parent.
+
+- ``MODELS``: backbones (``mmsparsevit.models``).
+- ``HOOKS`` and ``TRANSFORMS``: the runtime guards and data checks (``mmsparsevit.engine``).
 """
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import TRANSFORMS as MMENGINE_TRANSFORMS
 from mmengine.registry import Registry
 
 MODELS = Registry(
     'model', parent=MMENGINE_MODELS, scope='mmsparsevit', locations=['mmsparsevit.models'])
+HOOKS = Registry(
+    'hook', parent=MMENGINE_HOOKS, scope='mmsparsevit', locations=['mmsparsevit.engine'])
+TRANSFORMS = Registry(
+    'transform', parent=MMENGINE_TRANSFORMS, scope='mmsparsevit',
+    locations=['mmsparsevit.engine'])
 
-__all__ = ['MODELS']
+__all__ = ['MODELS', 'HOOKS', 'TRANSFORMS']

@@ -7,7 +7,7 @@ import pytest
 from mmengine.registry import MODELS as ROOT_MODELS
 from mmengine.registry import DefaultScope
 
-from mmsparsevit.registry import MODELS
+from mmsparsevit.registry import HOOKS, MODELS, TRANSFORMS
 
 TINY_VVT = dict(
     type='mmsparsevit.VVT',
@@ -20,10 +20,22 @@ TINY_LIT = dict(
 EXPECTED_BACKBONES = {'VVT', 'LIT', 'KVT'}
 
 
-def test_registry_is_a_scoped_child_of_mmengine_root():
-    assert MODELS.scope == 'mmsparsevit'
-    assert MODELS.parent is ROOT_MODELS
-    assert ROOT_MODELS.children['mmsparsevit'] is MODELS
+def test_registries_are_scoped_children_of_mmengine_roots():
+    from mmengine.registry import HOOKS as ROOT_HOOKS
+    from mmengine.registry import TRANSFORMS as ROOT_TRANSFORMS
+    for registry, root in ((MODELS, ROOT_MODELS), (HOOKS, ROOT_HOOKS),
+                           (TRANSFORMS, ROOT_TRANSFORMS)):
+        assert registry.scope == 'mmsparsevit'
+        assert registry.parent is root
+        assert root.children['mmsparsevit'] is registry
+
+
+def test_runtime_parts_resolve_by_prefixed_name_without_explicit_import():
+    # mmengine imports mmsparsevit.registry and the registry's locations on first look-up.
+    hook = HOOKS.get('mmsparsevit.NonFiniteLossHook')
+    transform = TRANSFORMS.get('mmsparsevit.CheckLoadedSample')
+    assert hook.__name__ == 'NonFiniteLossHook'
+    assert transform.__name__ == 'CheckLoadedSample'
 
 
 def test_all_backbones_are_registered():

@@ -7,14 +7,13 @@ Importing this package registers the ``local_atomic`` file backend, the hooks
 from .atomic_io import ATOMIC_BACKEND, AtomicLocalBackend, atomic_write_bytes
 from .data_audit import audit_coco_annotations, audit_dataset
 from .hooks import DataAuditHook, NonFiniteLossError, NonFiniteLossHook
-from .registry import HOOKS, TRANSFORMS
 from .resume import ResumeError, checkpoint_problem, find_resumable_checkpoint
 from .train_defaults import harden_train_config
 from .transforms import CheckLoadedSample, DataCheckError
 
 __all__ = [
     'ATOMIC_BACKEND', 'AtomicLocalBackend', 'atomic_write_bytes', 'audit_coco_annotations',
-    'audit_dataset', 'DataAuditHook', 'NonFiniteLossError', 'NonFiniteLossHook', 'HOOKS',
-    'TRANSFORMS', 'ResumeError', 'checkpoint_problem', 'find_resumable_checkpoint',
-    'harden_train_config', 'CheckLoadedSample', 'DataCheckError'
+    'audit_dataset', 'DataAuditHook', 'NonFiniteLossError', 'NonFiniteLossHook', 'ResumeError',
+    'checkpoint_problem', 'find_resumable_checkpoint', 'harden_train_config', 'CheckLoadedSample',
+    'DataCheckError'
 ]

@@ -5,7 +5,7 @@ import numpy as np
 from mmcv.transforms import BaseTransform
 
 from mmsparsevit.apis.preflight import ConfigCheckError
-from .registry import TRANSFORMS
+from ..registry import TRANSFORMS
 
 __all__ = ['DataCheckError', 'CheckLoadedSample']
 

@@ -2,7 +2,7 @@
 from mmengine.hooks import Hook
 
 from ..data_audit import audit_dataset
-from ..registry import HOOKS
+from ...registry import HOOKS
 
 __all__ = ['DataAuditHook']
 

@@ -9,7 +9,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.optim import OptimWrapper, OptimWrapperDict
 
-from ..registry import HOOKS
+from ...registry import HOOKS
 
 __all__ = ['NonFiniteLossError', 'NonFiniteLossHook']
 
