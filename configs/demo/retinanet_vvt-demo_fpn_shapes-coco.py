@@ -70,8 +70,11 @@ model = dict(
         nms=dict(type='nms', iou_threshold=0.5),
         max_per_img=100))
 
-# About 10 minutes of training on 2 CPU cores.
-max_iters = 600
+# 2000 iterations (20 epochs of the 400 training images): about 4 minutes on 2 idle CPU
+# cores. Trained from scratch, the loss plateaus until iteration ~350, so a 600-iteration
+# schedule ends at a bbox mAP of only 0.1; this one reaches 0.66 by iteration 1000 and 0.78
+# at the end (configs/demo/README.md).
+max_iters = 2000
 train_dataloader = dict(batch_size=4)
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
@@ -92,6 +95,6 @@ param_scheduler = [
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=300, max_keep_ckpts=2))
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=500, max_keep_ckpts=2))
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)
