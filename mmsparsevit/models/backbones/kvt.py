@@ -114,7 +114,7 @@ class KNNMultiheadAttention(nn.MultiheadAttention):
                 is_causal: bool = False) -> Tuple[torch.Tensor, None]:
         """Same call as ``nn.MultiheadAttention.forward``; returns ``(output, None)``."""
         if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise NotImplementedError(
+            raise ValueError(
                 'KNNMultiheadAttention (KVT) supports no key_padding_mask, attn_mask or '
                 'is_causal; the wrapped backbones never pass them')
         if not self.batch_first:
