@@ -139,7 +139,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class _MemoryProbe:
+class PeakMemoryProbe:
     """Peak memory of what runs between :meth:`start` and :meth:`stop` (see module doc)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -216,7 +216,7 @@ def measure_case(case: BenchmarkCase) -> Dict[str, Any]:
         times.append(timed_step())
         print_log(f'  run {index + 1}/{case.repeats}: {1000 * times[-1]:.1f} ms',
                   logger='current')
-    probe = _MemoryProbe(device)
+    probe = PeakMemoryProbe(device)
     probe.start()
     step()
     peak_mb, extra_mb = probe.stop()

@@ -9,7 +9,7 @@ import torch
 
 from mmsparsevit.analysis import (build_model, count_parameters, load_model_spec,
                                   measure_complexity, select_backbone)
-from mmsparsevit.analysis.benchmark import BenchmarkCase, _MemoryProbe, measure_case
+from mmsparsevit.analysis.benchmark import BenchmarkCase, PeakMemoryProbe, measure_case
 
 TOOLS = osp.join(osp.dirname(__file__), '..', '..', 'tools', 'analysis_tools')
 
@@ -123,7 +123,7 @@ def test_baselines_match_published_figures(name, flops, params):
 
 
 def test_memory_probe_sees_a_known_allocation():
-    probe = _MemoryProbe(torch.device('cpu'))
+    probe = PeakMemoryProbe(torch.device('cpu'))
     probe.start()
     block = torch.ones(48 * 2**20 // 4)  # 48 MiB, touched
     peak, extra = probe.stop()

@@ -33,8 +33,6 @@ Example::
 """
 import argparse
 import csv
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -48,11 +46,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from mmsparsevit.analysis.benchmark import PeakMemoryProbe
 from mmsparsevit.models.layers.knn_attention import knn_attention, resolve_topk
 
 METHODS = ('knn', 'mask_scatter', 'dense', 'sdpa')
-MMAP_THRESHOLD = 64 * 1024
-M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
 
 def mask_scatter_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -157,28 +154,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def read_status_kib(field: str) -> int:
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'/proc/self/status has no {field} field')
-
-
-def release_freed_memory() -> None:
-    """Make glibc unmap freed blocks of 64 KiB or more at once (see the module doc)."""
-    gc.collect()
-    libc = ctypes.CDLL('libc.so.6')
-    if not libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
-        raise RuntimeError('mallopt(M_MMAP_THRESHOLD) failed')
-    libc.malloc_trim(0)
-
-
-def reset_peak_rss() -> None:
-    with open('/proc/self/clear_refs', 'w') as clear_refs:
-        clear_refs.write('5')
-
-
 def run_worker(args: argparse.Namespace) -> Dict:
     """Time and measure one (method, N) case in this (fresh) process."""
     device = torch.device(args.device)
@@ -208,26 +183,17 @@ def run_worker(args: argparse.Namespace) -> Dict:
         times.append(time.perf_counter() - start)
 
     # Peak memory of one more forward + backward, measured on its own.
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        forward_backward(fn, inputs, grad_out, topk, args, device)
-        synchronize(device)
-        peak_bytes = torch.cuda.max_memory_allocated(device) - base
-    else:
-        release_freed_memory()
-        base_kib = read_status_kib('VmRSS')
-        reset_peak_rss()
-        forward_backward(fn, inputs, grad_out, topk, args, device)
-        peak_bytes = (read_status_kib('VmHWM') - base_kib) * 1024
+    probe = PeakMemoryProbe(device)
+    probe.start()
+    forward_backward(fn, inputs, grad_out, topk, args, device)
+    _, extra_mib = probe.stop()
     return dict(
         method=args.worker,
         n=size,
         topk=topk,
         time_ms=statistics.median(times) * 1000,
         runs=repeat,
-        peak_mem_mib=peak_bytes / 2**20)
+        peak_mem_mib=extra_mib)
 
 
 def compare_outputs(args: argparse.Namespace, size: int) -> Dict:
@@ -316,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             chunk_size=args.chunk_size,
             memory_method=('cuda max_memory_allocated' if args.device.startswith('cuda') else
                            'VmHWM - VmRSS of one pass in a fresh process, glibc mmap '
-                           f'threshold {MMAP_THRESHOLD} bytes'))
+                           'threshold 64 KiB (mmsparsevit.analysis.benchmark.PeakMemoryProbe)'))
         with open(args.out + '.json', 'w') as json_file:
             json.dump(dict(meta=meta, results=rows, checks=checks), json_file, indent=2)
 
