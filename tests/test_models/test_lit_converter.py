@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_lit_reference import RefLIT, RefLITTi, load_ours, randomize_
+from test_lit_reference import load_ours, randomize_
 
+from mmsparsevit.analysis.transcriptions import PlainLIT, PlainLITTi
 from mmsparsevit.models.backbones import LIT
 from mmsparsevit.models.backbones.lit import convert_lit_checkpoint
 
@@ -24,7 +25,7 @@ def _zeros_like_layout(ref):
 @pytest.mark.parametrize('arch', ['tiny', 'small', 'medium', 'base'])
 def test_every_imagenet_tensor_finds_its_place(arch):
     with torch.device('meta'):
-        ref = RefLITTi(imagenet=True) if arch == 'tiny' else RefLIT(arch, 224, imagenet=True)
+        ref = PlainLITTi(imagenet=True) if arch == 'tiny' else PlainLIT(arch, 224, imagenet=True)
         model = LIT(arch=arch)
     official = _zeros_like_layout(ref)
     converted, dropped = convert_lit_checkpoint({'model': official})
@@ -49,7 +50,7 @@ def test_every_imagenet_tensor_finds_its_place(arch):
 
 
 def test_imagenet_file_loads_through_init_cfg_and_reports(tmp_path, caplog):
-    ref = randomize_(RefLITTi(MINI_REF, img=64, imagenet=True))
+    ref = randomize_(PlainLITTi(MINI_REF, img=64, imagenet=True))
     model = load_ours(tmp_path, {'model': ref.state_dict(), 'epoch': 3}, arch=dict(
         MINI, position_encoding='absolute', norm_eps=1e-6, out_norms=(3, )), pretrain_img_size=64)
     torch.testing.assert_close(model.stages[3].pos_embed.flatten(2).transpose(1, 2),
@@ -61,11 +62,11 @@ def test_imagenet_file_loads_through_init_cfg_and_reports(tmp_path, caplog):
 
 
 def test_position_params_are_resized_to_the_model(tmp_path):
-    ref = randomize_(RefLITTi(MINI_REF, img=64, imagenet=True))
+    ref = randomize_(PlainLITTi(MINI_REF, img=64, imagenet=True))
     model = load_ours(tmp_path, {'model': ref.state_dict()}, pretrain_img_size=128,
                       arch=dict(MINI, position_encoding='absolute', norm_eps=1e-6))
     assert model.stages[0].pos_embed.shape == (1, 16, 32, 32)
-    swin = randomize_(RefLIT(MINI_REF, table_img=224, imagenet=True))
+    swin = randomize_(PlainLIT(MINI_REF, table_img=224, imagenet=True))
     model = load_ours(tmp_path, {'model': swin.state_dict()}, pretrain_img_size=800, arch=MINI)
     table = model.stages[3].blocks[0].attn.relative_position_bias_table
     assert table.shape == (49 * 49, 4)
@@ -75,7 +76,7 @@ def test_position_params_are_resized_to_the_model(tmp_path):
 
 
 def test_mismatched_checkpoints_name_the_keys(tmp_path):
-    ref = RefLIT(MINI_REF, table_img=224)
+    ref = PlainLIT(MINI_REF, table_img=224)
     state = ref.state_dict()
     with pytest.raises(ValueError, match=r"unexpected keys \['norm0.bias', 'norm0.weight'\]"):
         load_ours(tmp_path, dict(state, **{'norm0.weight': torch.ones(16),
@@ -93,7 +94,7 @@ def test_mismatched_checkpoints_name_the_keys(tmp_path):
 
 
 def test_converter_cli_round_trip(tmp_path):
-    ref = randomize_(RefLIT(MINI_REF, table_img=224, imagenet=True))
+    ref = randomize_(PlainLIT(MINI_REF, table_img=224, imagenet=True))
     src, dst = tmp_path / 'lit_mini.pth', tmp_path / 'converted.pth'
     torch.save({'model': ref.state_dict()}, src)
     subprocess.run([sys.executable, str(REPO / 'tools/model_converters/lit2mmsparsevit.py'),

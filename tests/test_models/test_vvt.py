@@ -1,18 +1,18 @@
 """VVT backbone: presets, contract, errors, checkpoint conversion and faithfulness.
 
-Faithfulness is checked against ``OfficialVVT`` below, an independent transcription of
-the authors' model (OpenNLPLab/Vicinity-Vision-Transformer, classification/vvt.py) that
-uses their parameter names, so its state dict has the official checkpoint layout.
+Faithfulness is checked against ``PlainVVT`` (mmsparsevit.analysis.transcriptions), an
+independent transcription of the authors' model (OpenNLPLab/Vicinity-Vision-Transformer,
+classification/vvt.py) that shares no code with the backbone and uses their parameter names,
+so its state dict has the official checkpoint layout.
 """
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mmsparsevit.analysis.transcriptions import PlainVVT
 from mmsparsevit.models import VVT
 from mmsparsevit.models.backbones.vvt import check_vvt_state_dict, convert_vvt_checkpoint
 from mmsparsevit.registry import MODELS
@@ -23,129 +23,9 @@ SMALL_ARCH = dict(
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def bound(t):
-    """The authors' magnitude clamp: |t| kept in [1e-4, 1e4], sign kept."""
-    return torch.sign(t) * torch.clamp(torch.abs(t), 1e-4, 1e4)
-
-
-class OfficialAttention(nn.Module):
-
-    def __init__(self, dim, heads, reduction=2):
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(dim, dim // reduction)
-        self.k_proj = nn.Linear(dim, dim // reduction)
-        self.v_proj = nn.Linear(dim, dim // reduction)
-        self.out_proj = nn.Linear(dim // reduction, dim)
-        self.se_fc = nn.Sequential(
-            nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim, bias=False),
-            nn.Sigmoid())
-
-    def forward(self, x, height, width):
-        batch, tokens, _ = x.shape
-        gate = self.se_fc(x.mean(1))
-
-        def per_head(t):
-            return t.reshape(batch, tokens, self.heads, -1)
-
-        q = per_head(self.q_proj(x)).relu()
-        k = per_head(self.k_proj(x)).relu()
-        v = per_head(self.v_proj(x))
-        index = torch.arange(tokens)
-        row_angle = (index // width).to(x.dtype) * (math.pi / 2) / height
-        col_angle = (index % width).to(x.dtype) * (math.pi / 2) / width
-        terms = torch.stack(
-            [row_angle.cos(), row_angle.sin(), col_angle.cos(), col_angle.sin()], dim=1)
-        q_feat = torch.cat([q * terms[:, p, None, None] for p in range(4)], dim=-1)
-        k_feat = torch.cat([k * terms[:, p, None, None] for p in range(4)], dim=-1)
-        kv = bound(torch.einsum('bnhf,bnhd->bhfd', k_feat, v))
-        z = bound(1 / (torch.einsum('bnhf,bhf->bnh', q_feat, k_feat.sum(1)) + 1e-4))
-        out = bound(torch.einsum('bnhf,bhfd->bnhd', q_feat, kv))
-        out = bound(out * z[..., None])
-        out = bound(self.out_proj(out.reshape(batch, tokens, -1)))
-        return bound(out + out * gate[:, None, :])
-
-
-class OfficialDWConv(nn.Module):
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
-
-    def forward(self, x, height, width):
-        image = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
-        return self.dwconv(image).flatten(2).transpose(1, 2)
-
-
-class OfficialMlp(nn.Module):
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = OfficialDWConv(hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x, height, width):
-        return self.fc2(F.gelu(self.dwconv(self.fc1(x), height, width)))
-
-
-class OfficialBlock(nn.Module):
-
-    def __init__(self, dim, heads, mlp_ratio):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = OfficialAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = OfficialMlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x, height, width):
-        x = x + self.attn(self.norm1(x), height, width)
-        return x + self.mlp(self.norm2(x), height, width)
-
-
-class OfficialPatchEmbed(nn.Module):
-
-    def __init__(self, in_chans, dim, patch, stride):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch, stride, patch // 2)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        x = self.proj(x)
-        height, width = x.shape[2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), height, width
-
-
-class OfficialVVT(nn.Module):
-
-    def __init__(self, embed_dims, depths, num_heads, mlp_ratios, num_classes=10):
-        super().__init__()
-        in_chans = 3
-        for i, dim in enumerate(embed_dims):
-            setattr(self, f'patch_embed{i + 1}',
-                    OfficialPatchEmbed(in_chans, dim, 7 if i == 0 else 3, 4 if i == 0 else 2))
-            setattr(self, f'block{i + 1}', nn.ModuleList(
-                [OfficialBlock(dim, num_heads[i], mlp_ratios[i]) for _ in range(depths[i])]))
-            setattr(self, f'norm{i + 1}', nn.LayerNorm(dim, eps=1e-6))
-            in_chans = dim
-        self.num_stages = len(embed_dims)
-        self.head = nn.Linear(embed_dims[-1], num_classes)
-
-    def stage_outputs(self, x):
-        outs = []
-        for i in range(1, self.num_stages + 1):
-            x, height, width = getattr(self, f'patch_embed{i}')(x)
-            for block in getattr(self, f'block{i}'):
-                x = block(x, height, width)
-            x = getattr(self, f'norm{i}')(x)
-            x = x.transpose(1, 2).reshape(x.shape[0], -1, height, width)
-            outs.append(x)
-        return outs
-
-
 def official_model(arch=SMALL_ARCH, seed=0):
     torch.manual_seed(seed)
-    model = OfficialVVT(**arch).eval()
+    model = PlainVVT(**arch, num_classes=10).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if 'norm' in name:
@@ -179,7 +59,7 @@ def test_matches_official_model_with_converted_weights(dtype, tolerance):
     for size in sizes:
         x = torch.randn(2, 3, *size, dtype=dtype)
         with torch.no_grad():
-            expected = official.stage_outputs(x)
+            expected = official(x)
             outs = model(x)
         assert len(outs) == 4
         for out, ref in zip(outs, expected):
@@ -229,7 +109,7 @@ def test_init_cfg_loads_official_checkpoint(tmp_path, wrap):
     model.init_weights()
     x = torch.randn(1, 3, 40, 40)
     with torch.no_grad():
-        for out, ref in zip(model.eval()(x), official.stage_outputs(x)):
+        for out, ref in zip(model.eval()(x), official(x)):
             assert relative_error(out, ref) < 1e-4
 
 
@@ -256,7 +136,7 @@ def test_converter_cli(tmp_path):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     with torch.device('meta'):
-        official_tiny = OfficialVVT((96, 160, 320, 512), (2, 2, 2, 2), (1, 2, 5, 8), (8, 8, 4, 4))
+        official_tiny = PlainVVT((96, 160, 320, 512), (2, 2, 2, 2), (1, 2, 5, 8), (8, 8, 4, 4))
     src, dst = tmp_path / 'vvt_tiny.pth', tmp_path / 'out' / 'vvt_tiny_converted.pth'
     state = {k: torch.zeros(v.shape) for k, v in official_tiny.state_dict().items()}
     torch.save({'model': state}, src)
