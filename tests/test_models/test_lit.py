@@ -119,6 +119,42 @@ def test_attention_logits_is_the_override_point():
     torch.testing.assert_close(bias[0, :, 0, 5], bias[0, :, 6, 11])
 
 
+
+@pytest.mark.parametrize('rel_pos_size', [(3, 3), None])
+def test_fused_attention_equals_softmax_of_attention_logits(rel_pos_size, monkeypatch):
+
+    class Materialised(LITAttention):
+        """Overriding attention_logits (here unchanged) takes the unfused path."""
+
+        def attention_logits(self, query, key, hw_shape):
+            return super().attention_logits(query, key, hw_shape)
+
+    torch.manual_seed(0)
+    fused = LITAttention(8, 2, rel_pos_size=rel_pos_size).double()
+    fused.init_weights()
+    materialised = Materialised(8, 2, rel_pos_size=rel_pos_size).double()
+    materialised.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 20, 8, dtype=torch.float64)
+    fused_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        lambda *args, **kwargs: fused_calls.append(1) or sdpa(*args, **kwargs))
+    outs, grads = [], []
+    for attn in (fused, materialised):
+        inputs = x.clone().requires_grad_()
+        out = attn(inputs, (4, 5))
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([inputs.grad] + [param.grad for param in attn.parameters()])
+    assert len(fused_calls) == 1
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for fused_grad, materialised_grad in zip(*grads):
+        torch.testing.assert_close(fused_grad, materialised_grad, rtol=1e-10, atol=1e-12)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = fused.float()(x.float(), (4, 5))
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), outs[0].float(), rtol=0.05, atol=0.05)
+
 def test_bad_arguments_are_named():
     with pytest.raises(KeyError, match="'huge'"):
         LIT(arch='huge')
