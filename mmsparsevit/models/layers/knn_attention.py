@@ -12,6 +12,12 @@ comparison ``logit >= k-th largest logit of the row``, and a custom autograd fun
 only the row thresholds and log-sum-exps for the backward pass, where each chunk's logits are
 recomputed (as in memory-efficient/flash attention). Peak memory is therefore
 ``O(chunk_rows * N)`` in training as well as in inference, and gradients are exact.
+
+Ties: every key whose logit equals the row's k-th largest is kept, so a row with tied logits
+at the threshold attends to more than ``k`` keys (e.g. the zero-padded tokens Swin appends
+share one key); ``torch.topk`` keeps an arbitrary ``k`` of them. The selection is thus
+deterministic and independent of the key order, and equals the authors' wherever the k-th
+largest logit is unique.
 """
 import math
 from numbers import Integral, Real
