@@ -44,9 +44,11 @@ from mmengine.logging import print_log
 from .flop_counter import count_parameters
 from .model_builder import (build_model, forward_fn, load_model_spec, select_backbone,
                             sum_outputs, synthetic_batch)
+from .transcriptions.pairs import build_pair
 
 MODES = ('inference', 'train')
 TIMERS = ('wall', 'cpu')
+IMPLEMENTATIONS = ('ours', 'plain')
 
 
 @dataclass
@@ -71,6 +73,10 @@ class BenchmarkCase:
         label (str, optional): Name in the results. Defaults to the source.
         timer (str): 'wall' or 'cpu' (process CPU time; needs ``device='cpu'`` and
             ``threads=1``). Defaults to 'wall'.
+        implementation (str, optional): 'ours' or 'plain': measure ``backbone`` (a preset of
+            :mod:`mmsparsevit.analysis.transcriptions.pairs`) as built for the comparison with
+            its plain transcription, or that transcription. Defaults to None (the model as
+            the config or preset builds it).
     """
     shape: Tuple[int, int]
     batch_size: int
@@ -85,6 +91,7 @@ class BenchmarkCase:
     cfg_options: Dict[str, Any] = field(default_factory=dict)
     label: Optional[str] = None
     timer: str = 'wall'
+    implementation: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.timer not in TIMERS:
@@ -93,6 +100,11 @@ class BenchmarkCase:
             raise ValueError('timer="cpu" measures process CPU time: it needs device="cpu" '
                              f'and threads=1, got device={self.device!r}, '
                              f'threads={self.threads!r}')
+        if self.implementation is not None and (self.implementation not in IMPLEMENTATIONS
+                                                or self.backbone is None):
+            raise ValueError(f'implementation must be one of {IMPLEMENTATIONS} and needs a '
+                             f'backbone preset, got {self.implementation!r} with backbone '
+                             f'{self.backbone!r}')
         if self.mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {self.mode!r}')
         if self.repeats < 1 or self.warmup < 0:
@@ -173,13 +185,19 @@ class PeakMemoryProbe:
         return peak / 2**20, max(peak - self.baseline, 0) / 2**20
 
 
+def _build_case_model(case: BenchmarkCase) -> torch.nn.Module:
+    if case.implementation is not None:
+        return build_pair(case.backbone)[IMPLEMENTATIONS.index(case.implementation)]
+    model_cfg, scope = load_model_spec(case.config, case.backbone, case.cfg_options)
+    return select_backbone(build_model(model_cfg, scope), case.backbone_only)
+
+
 def measure_case(case: BenchmarkCase) -> Dict[str, Any]:
     """Run ``case`` in this process and return its result row."""
     if case.threads:
         torch.set_num_threads(case.threads)
     device = torch.device(case.device)
-    model_cfg, scope = load_model_spec(case.config, case.backbone, case.cfg_options)
-    model = select_backbone(build_model(model_cfg, scope), case.backbone_only).to(device)
+    model = _build_case_model(case).to(device)
     training = case.mode == 'train'
     model.train(training)
     images, data_samples = synthetic_batch(model, case.shape, case.batch_size, device)

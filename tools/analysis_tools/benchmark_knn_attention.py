@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from mmsparsevit.analysis.benchmark import PeakMemoryProbe
+from mmsparsevit.analysis.transcriptions import mask_scatter_knn_attention
 from mmsparsevit.models.layers.knn_attention import knn_attention, resolve_topk
 
 METHODS = ('knn', 'mask_scatter', 'dense', 'sdpa')
@@ -56,11 +57,7 @@ def mask_scatter_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                            topk: int) -> torch.Tensor:
     """The authors' k-NN attention: dense float mask, scatter of top-k indices, where."""
     logits = query @ key.transpose(-2, -1) * query.shape[-1]**-0.5
-    mask = torch.zeros(logits.shape, device=logits.device)
-    indices = torch.topk(logits, k=topk, dim=-1, largest=True)[1]
-    mask.scatter_(-1, indices, 1.)
-    logits = torch.where(mask > 0, logits, torch.full_like(logits, float('-inf')))
-    return logits.softmax(dim=-1) @ value
+    return mask_scatter_knn_attention(logits, value, topk)
 
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
