@@ -153,16 +153,23 @@ def test_measure_case_in_process_reports_medians_and_memory():
 
 def test_benchmark_tool_runs_cases_in_subprocesses(tmp_path):
     out = str(tmp_path / 'bench')
+    config = write_config(tmp_path, 'seg.py', TINY_SEGMENTOR)
     rows = load_tool('benchmark').main([
-        '--backbone', TINY_RESNET, '--shape', '64x96', '--modes', 'inference', '--warmup', '1',
-        '--repeats', '2', '--threads', '1', '--out', out
+        config, '--backbone', TINY_RESNET, '--shape', '64x96', '--modes', 'inference',
+        '--warmup', '1', '--repeats', '2', '--threads', '1', '--out', out
     ])
-    assert [(row['height'], row['width'], row['error']) for row in rows] == [(64, 96, '')]
-    assert rows[0]['median_ms'] > 0 and rows[0]['mem_method'].startswith('cpu VmHWM')
+    assert [(row['label'], row['height'], row['width'], row['error']) for row in rows] == [
+        (config, 64, 96, ''), (TINY_RESNET, 64, 96, '')]
+    assert all(row['median_ms'] > 0 for row in rows)
+    assert rows[0]['params'] > rows[1]['params']  # the segmentor adds neck and head
+    assert rows[1]['mem_method'].startswith('cpu VmHWM')
     with open(out + '.csv') as file:
-        assert [float(row['median_ms']) for row in csv.DictReader(file)] == [rows[0]['median_ms']]
+        assert [float(row['median_ms']) for row in csv.DictReader(file)] == [
+            row['median_ms'] for row in rows]
     with open(out + '.json') as file:
         assert json.load(file) == rows
+    with pytest.raises(SystemExit):
+        load_tool('benchmark').main([config, '--backbone', TINY_RESNET, '--label', 'one'])
 
 
 def test_complexity_curve_flops_only(tmp_path):

@@ -1,13 +1,18 @@
 r"""Latency, images/s and peak memory of a backbone or detector/segmentor.
 
-Every (resolution, batch size, mode) case runs in a fresh process: warm-up passes, then
-timed passes; the median is reported (with min/mean/max). Peak memory: on CPU the process's
+Every (model, resolution, batch size, mode) case runs in a fresh process: warm-up passes,
+then timed passes; the median is reported (with min/mean/max). Several configs or backbone
+presets can be given at once; one table and one CSV/JSON cover them all. Peak memory: on CPU the process's
 resident-set high-water mark during the passes (reset with /proc/self/clear_refs after the
 model is built), on CUDA ``max_memory_allocated``; see mmsparsevit/analysis/benchmark.py.
 
 Examples::
 
     python tools/analysis_tools/benchmark.py --backbone vvt-s --shape 224 512 --threads 2
+    python tools/analysis_tools/benchmark.py --backbone vvt-t vvt-s swin-t --shape 224 --threads 1 \
+        --timer cpu --out work_dirs/bench/backbones
+    python tools/analysis_tools/benchmark.py configs/retinanet/*.py --shape 800x1280 --threads 1 \
+        --timer cpu --warmup 1 --repeats 2 --out work_dirs/bench/retinanet
     python tools/analysis_tools/benchmark.py configs/fpn/fpn_vvt-s_4xb4-80k_ade20k-512x512.py \
         --shape 512 --modes inference train --batch-sizes 1 2 --out work_dirs/bench/fpn
 """
@@ -30,9 +35,13 @@ COLUMNS = ('label', 'mode', 'device', 'batch_size', 'height', 'width', 'threads'
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Benchmark latency and memory of a model.')
-    parser.add_argument('config', nargs='?', help='config file (mmdet, mmseg or backbone)')
     parser.add_argument(
-        '--backbone', help=f'preset ({", ".join(BACKBONE_PRESETS)}) or dict literal')
+        'configs', nargs='*', metavar='CONFIG', help='config files (mmdet, mmseg or backbone)')
+    parser.add_argument(
+        '--backbone',
+        nargs='+',
+        default=[],
+        help=f'presets ({", ".join(BACKBONE_PRESETS)}) or dict literals')
     parser.add_argument('--backbone-only', action='store_true')
     parser.add_argument(
         '--shape',
@@ -52,12 +61,14 @@ def parse_args(argv=None):
         help='wall clock, or process CPU time (CPU with --threads 1: robust on a shared '
         'machine)')
     parser.add_argument('--timeout', type=float, help='seconds allowed per case')
-    parser.add_argument('--label', help='name of the model in the results')
+    parser.add_argument('--label', help='name of the model in the results (one model only)')
     parser.add_argument('--out', help='write OUT.csv and OUT.json')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     args = parser.parse_args(argv)
-    if (args.config is None) == (args.backbone is None):
-        parser.error('give a config file or --backbone (exactly one)')
+    if not args.configs and not args.backbone:
+        parser.error('give config files and/or --backbone specs')
+    if args.label and len(args.configs) + len(args.backbone) > 1:
+        parser.error('--label names one model; give a single config or --backbone')
     args.shape = [parse_size(text, parser) for text in args.shape]
     return args
 
@@ -94,13 +105,13 @@ def format_row(row):
 
 def main(argv=None):
     args = parse_args(argv)
+    sources = [dict(config=config) for config in args.configs]
+    sources += [dict(backbone=backbone) for backbone in args.backbone]
     cases = [
         BenchmarkCase(
             shape=shape,
             batch_size=batch_size,
             mode=mode,
-            config=args.config,
-            backbone=args.backbone,
             backbone_only=args.backbone_only,
             device=args.device,
             warmup=args.warmup,
@@ -108,7 +119,8 @@ def main(argv=None):
             threads=args.threads,
             cfg_options=args.cfg_options,
             label=args.label,
-            timer=args.timer) for mode in args.modes for shape in args.shape
+            timer=args.timer,
+            **source) for source in sources for mode in args.modes for shape in args.shape
         for batch_size in args.batch_sizes
     ]
     rows = []
