@@ -122,7 +122,8 @@ def test_checkpoint_with_code_payload_is_refused_and_payload_never_runs(
 
 
 class _ReachesGlobals:
-    """Pickles as getattr(HistoryBuffer.__init__, '__globals__'): allowed classes, foreign attribute."""
+    """Pickles as getattr(HistoryBuffer.__init__, '__globals__'): allowed classes, a foreign
+    attribute."""
 
     def __reduce__(self):
         from mmengine.logging import HistoryBuffer

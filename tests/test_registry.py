@@ -47,7 +47,8 @@ def test_all_backbones_are_registered():
 def test_misspelt_type_fails_with_mmengine_key_error(scope):
     toolbox = pytest.importorskip(f'{scope}.registry')
     with DefaultScope.overwrite_default_scope(scope):
-        with pytest.raises(KeyError, match=rf'mmsparsevit.VTT is not in the {scope}::model registry'):
+        message = rf'mmsparsevit.VTT is not in the {scope}::model registry'
+        with pytest.raises(KeyError, match=message):
             toolbox.MODELS.build(dict(type='mmsparsevit.VTT'))
 
 

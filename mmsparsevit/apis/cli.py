@@ -1,5 +1,5 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
-"""What ``tools/train.py`` and ``tools/test.py`` share: options, config loading, error reporting."""
+"""What ``tools/train.py`` and ``tools/test.py`` share: options, config loading, errors."""
 import argparse
 import os
 import os.path as osp

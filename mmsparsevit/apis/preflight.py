@@ -50,7 +50,8 @@ def check_config(cfg: Config, mode: str) -> None:
         for phase in phases:
             loader = cfg.get(f'{phase}_dataloader')
             if loader and loader.get('dataset'):
-                for key, dataset in _leaf_datasets(loader['dataset'], f'{phase}_dataloader.dataset'):
+                leaves = _leaf_datasets(loader['dataset'], f'{phase}_dataloader.dataset')
+                for key, dataset in leaves:
                     check_dataset(dataset, key, need_annotations=phase != 'test')
             for key, metric in _as_keyed_list(cfg.get(f'{phase}_evaluator'),
                                               f'{phase}_evaluator'):
@@ -198,8 +199,9 @@ def check_coco_file(path: str, key: str, classes: Optional[Sequence[str]] = None
     if not isinstance(content, dict):
         raise ConfigCheckError(f'{where}: its top level is a {type(content).__name__}, '
                                'not an object with "images", "annotations" and "categories"')
-    required = ('images', 'annotations', 'categories') if need_annotations else ('images',
-                                                                                  'categories')
+    required = ('images', 'categories')
+    if need_annotations:
+        required = ('images', 'annotations', 'categories')
     missing = [name for name in required if not isinstance(content.get(name), list)]
     if missing:
         raise ConfigCheckError(f'{where}: it has no {", ".join(repr(m) for m in missing)} list '

@@ -112,8 +112,11 @@ def test_bad_model_sources_are_named(tmp_path):
         load_model_spec(empty)
 
 
-@pytest.mark.parametrize('name,flops,params', [('swin-t', 4.5, 28.3), ('pvtv2-b2', 4.0, 25.4),
-                                                ('resnet-50', 4.1, 25.6)])
+@pytest.mark.parametrize('name,flops,params', [
+    ('swin-t', 4.5, 28.3),
+    ('pvtv2-b2', 4.0, 25.4),
+    ('resnet-50', 4.1, 25.6),
+])
 def test_baselines_match_published_figures(name, flops, params):
     """Authors' figures (their 1000-class heads included: < 0.02 G, < 2.1 M)."""
     result = measure_complexity(build_model(*load_model_spec(backbone=name)), (224, 224))

@@ -119,7 +119,6 @@ def test_attention_logits_is_the_override_point():
     torch.testing.assert_close(bias[0, :, 0, 5], bias[0, :, 6, 11])
 
 
-
 @pytest.mark.parametrize('rel_pos_size', [(3, 3), None])
 def test_fused_attention_equals_softmax_of_attention_logits(rel_pos_size, monkeypatch):
 
@@ -154,6 +153,7 @@ def test_fused_attention_equals_softmax_of_attention_logits(rel_pos_size, monkey
         low = fused.float()(x.float(), (4, 5))
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), outs[0].float(), rtol=0.05, atol=0.05)
+
 
 def test_bad_arguments_are_named():
     with pytest.raises(KeyError, match="'huge'"):

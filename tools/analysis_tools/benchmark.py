@@ -1,16 +1,18 @@
 r"""Latency, images/s and peak memory of a backbone or detector/segmentor.
 
-Every (model, resolution, batch size, mode) case runs in a fresh process: warm-up passes,
-then timed passes; the median is reported (with min/mean/max). Several configs or backbone
-presets can be given at once; one table and one CSV/JSON cover them all. Peak memory: on CPU the process's
-resident-set high-water mark during the passes (reset with /proc/self/clear_refs after the
-model is built), on CUDA ``max_memory_allocated``; see mmsparsevit/analysis/benchmark.py.
+Every (model, resolution, batch size, mode) case runs in a fresh process: warm-up
+passes, then timed passes; the median is reported (with min/mean/max). Several configs or
+backbone presets can be given at once; one table and one CSV/JSON cover them all.
+
+Peak memory: on CPU the process's resident-set high-water mark during the passes (reset with
+/proc/self/clear_refs after the model is built), on CUDA ``max_memory_allocated``; see
+mmsparsevit/analysis/benchmark.py.
 
 Examples::
 
     python tools/analysis_tools/benchmark.py --backbone vvt-s --shape 224 512 --threads 2
-    python tools/analysis_tools/benchmark.py --backbone vvt-t vvt-s swin-t --shape 224 --threads 1 \
-        --timer cpu --out work_dirs/bench/backbones
+    python tools/analysis_tools/benchmark.py --backbone vvt-t vvt-s swin-t --shape 224 \
+        --threads 1 --timer cpu --out work_dirs/bench/backbones
     python tools/analysis_tools/benchmark.py configs/retinanet/*.py --shape 800x1280 --threads 1 \
         --timer cpu --warmup 1 --repeats 2 --out work_dirs/bench/retinanet
     python tools/analysis_tools/benchmark.py configs/fpn/fpn_vvt-s_4xb4-80k_ade20k-512x512.py \

@@ -89,28 +89,29 @@ def vicinity_targets(args: argparse.Namespace) -> List[Dict]:
     ])
     with open(path) as file:
         rows = json.load(file)['rows']
-    by_method = {}
+    by_method: Dict[str, Dict[int, Dict]] = {}
     for row in rows:
         by_method.setdefault(row['method'], {})[row['tokens']] = row
+    vicinity, softmax = by_method['vicinity'], by_method.get('softmax', {})
     results = []
     for row in rows:
         if row['method'] != 'vicinity' or 'time_growth' not in row:
             continue
-        previous = row['tokens'] // round(row['token_growth'])
-        softmax = by_method.get('softmax', {})
-        context = ''
-        if previous in softmax and row['tokens'] in softmax:
-            context = (f'; softmax attention: time x'
-                       f'{softmax[row["tokens"]]["median_ms"] / softmax[previous]["median_ms"]:.1f}, '
-                       f'memory x{softmax[row["tokens"]]["peak_mb"] / softmax[previous]["peak_mb"]:.1f}')
+        tokens = row['tokens']
+        previous = vicinity[tokens // round(row['token_growth'])]
+        measured = (f'time x{row["time_growth"]:.2f} ({previous["median_ms"]:.1f} -> '
+                    f'{row["median_ms"]:.1f} ms), memory x{row["memory_growth"]:.2f} '
+                    f'({previous["peak_mb"]:.1f} -> {row["peak_mb"]:.1f} MiB)')
+        if previous['tokens'] in softmax and tokens in softmax:
+            small, large = softmax[previous['tokens']], softmax[tokens]
+            measured += (f'; softmax attention: time x'
+                         f'{large["median_ms"] / small["median_ms"]:.1f}, memory x'
+                         f'{large["peak_mb"] / small["peak_mb"]:.1f}')
         results.append(
             dict(
-                target=f'vicinity attention, {previous} -> {row["tokens"]} tokens: time and '
+                target=f'vicinity attention, {previous["tokens"]} -> {tokens} tokens: time and '
                 f'memory grow <= {LINEAR_GROWTH_LIMIT}x',
-                measured=f'time x{row["time_growth"]:.2f} ({by_method["vicinity"][previous]["median_ms"]:.1f}'
-                f' -> {row["median_ms"]:.1f} ms), memory x{row["memory_growth"]:.2f} '
-                f'({by_method["vicinity"][previous]["peak_mb"]:.1f} -> {row["peak_mb"]:.1f} MiB)'
-                + context,
+                measured=measured,
                 met=max(row['time_growth'], row['memory_growth']) <= LINEAR_GROWTH_LIMIT))
     return results
 

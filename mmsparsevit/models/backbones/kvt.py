@@ -123,9 +123,9 @@ class KNNMultiheadAttention(nn.MultiheadAttention):
         head_dims = embed_dims // self.num_heads
         weights = self.in_proj_weight.chunk(3)
         biases = (None, ) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-        query, key, value = (F.linear(t, w, b).reshape(batch, -1, self.num_heads,
-                                                        head_dims).transpose(1, 2)
-                             for t, w, b in zip((query, key, value), weights, biases))
+        query, key, value = (
+            F.linear(t, w, b).reshape(batch, -1, self.num_heads, head_dims).transpose(1, 2)
+            for t, w, b in zip((query, key, value), weights, biases))
         out = _module_knn_attention(self, query, key, value, self.dropout)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, num_queries, embed_dims))
         if not self.batch_first:
