@@ -10,7 +10,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from ..utils.dist import setup_distributed
+from ..utils.dist import release_distributed, setup_distributed
 from .preflight import ConfigCheckError, check_config, describe_data_error
 
 Result = TypeVar('Result')
@@ -71,7 +71,8 @@ def run_reporting_input_errors(job: Callable[[], Result]) -> Result:
 
     :class:`ConfigCheckError` and errors that :func:`describe_data_error`
     recognises end the process with ``error: ...`` on stderr and exit code 1;
-    anything else propagates with its traceback.
+    anything else propagates with its traceback. Either way the distributed process group,
+    if ``job`` created one, is destroyed before returning (:func:`release_distributed`).
     """
     try:
         return job()
@@ -82,3 +83,5 @@ def run_reporting_input_errors(job: Callable[[], Result]) -> Result:
         if message is None:
             raise
         sys.exit(f'error: {message}')
+    finally:
+        release_distributed()

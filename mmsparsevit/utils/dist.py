@@ -199,3 +199,14 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
         if init_kwargs.get('timeout') is not None:
             init_kwargs['timeout'] = datetime.timedelta(seconds=init_kwargs['timeout'])
         torch_dist.init_process_group(backend=dist_cfg['backend'], **init_kwargs)
+
+
+def release_distributed() -> None:
+    """Destroy the default process group, if one was initialised.
+
+    Left to the interpreter's exit, the process group's threads (gloo's in particular) can be
+    torn down in an order that aborts a rank which has finished its work ("terminate called
+    without an active exception"), and Slurm then cancels the job's other tasks.
+    """
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

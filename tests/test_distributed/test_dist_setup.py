@@ -5,6 +5,7 @@ import pytest
 import torch.distributed as torch_dist
 from mmengine.config import Config
 
+from mmsparsevit.apis.cli import run_reporting_input_errors
 from mmsparsevit.utils.dist import (SLURM_PORT_BASE, SLURM_PORT_SPAN, resolve_dist_backend,
                                     setup_distributed, slurm_master_port)
 
@@ -114,3 +115,24 @@ def test_pytorch_launcher_outside_torchrun_is_a_clear_error(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(KeyError, match='torchrun'):
         setup_distributed(Config(dict(model=dict(type='RetinaNet'))), 'pytorch')
+
+
+def test_tool_entry_point_destroys_the_process_group_it_ran_in(single_rank_env):
+    """A finished rank must not leave its process group to the interpreter's exit (gloo's
+    threads then abort the rank and Slurm cancels the other tasks)."""
+
+    def job():
+        setup_distributed(Config(dict(env_cfg=dict(dist_cfg=dict(backend='gloo')))), 'pytorch')
+        assert torch_dist.is_initialized()
+        return 'finished'
+
+    assert run_reporting_input_errors(job) == 'finished'
+    assert not torch_dist.is_initialized()
+
+    def failing_job():
+        setup_distributed(Config(dict(env_cfg=dict(dist_cfg=dict(backend='gloo')))), 'pytorch')
+        raise RuntimeError('not an input error')
+
+    with pytest.raises(RuntimeError, match='not an input error'):
+        run_reporting_input_errors(failing_job)
+    assert not torch_dist.is_initialized()
