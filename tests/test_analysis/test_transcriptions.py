@@ -1,26 +1,16 @@
 """Plain transcriptions: the same function as our backbones, the baseline of the speed target."""
 import csv
-import importlib.util
 import json
-import os.path as osp
 
 import pytest
 import torch
+from test_cost_tools import load_tool
 
 from mmsparsevit.analysis.benchmark import BenchmarkCase, measure_case
 from mmsparsevit.analysis.transcriptions import (TRANSCRIBED, build_pair,
                                                  mask_scatter_knn_attention,
                                                  plain_knn_backbone)
 from mmsparsevit.models.layers.knn_attention import knn_attention
-
-TOOLS = osp.join(osp.dirname(__file__), '..', '..', 'tools', 'analysis_tools')
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize('name', ['vvt-t', 'lit-ti', 'lit-s', 'kvt-swin-t', 'kvt-pvtv2-b2'])
