@@ -19,9 +19,12 @@ Memory method (one extra pass after the timed ones, so it does not perturb them)
   peak - memory allocated before the pass.
 
 Latency: ``warmup`` untimed passes, then ``repeats`` timed passes (CUDA synchronised);
-the median is reported with min/mean/max. ``timer='wall'`` reads the wall clock;
-``timer='cpu'`` (CPU, one thread) reads this process's CPU time, which other processes on a
-busy shared machine disturb far less than the wall clock. Training = forward + backward of
+the median is reported with min/mean/max. To compare models with each other rather than
+measure each alone, :func:`measure_interleaved` holds them in one process and alternates
+them pass by pass, so that the machine's drift falls on all of them alike.
+``timer='wall'`` reads the wall clock; ``timer='cpu'`` (CPU, one thread) reads this
+process's CPU time, which other processes on a busy shared machine disturb far less than the
+wall clock. Training = forward + backward of
 the sum of the outputs (``mode='tensor'`` for full models; no loss target assignment), with
 ``zero_grad(set_to_none=True)`` between passes.
 """
@@ -36,7 +39,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.logging import print_log
@@ -192,71 +195,161 @@ def _build_case_model(case: BenchmarkCase) -> torch.nn.Module:
     return select_backbone(build_model(model_cfg, scope), case.backbone_only)
 
 
+class _PreparedCase:
+    """A case's model on its device with its input, and one timed pass of it."""
+
+    def __init__(self, case: BenchmarkCase) -> None:
+        self.case = case
+        self.device = torch.device(case.device)
+        self.model = _build_case_model(case).to(self.device)
+        self.training = case.mode == 'train'
+        self.model.train(self.training)
+        images, data_samples = synthetic_batch(self.model, case.shape, case.batch_size,
+                                               self.device)
+        self.forward = forward_fn(self.model, images, data_samples)
+        self.clock = time.process_time if case.timer == 'cpu' else time.perf_counter
+
+    def step(self) -> None:
+        if self.training:
+            self.model.zero_grad(set_to_none=True)
+            loss = sum_outputs(self.forward())
+            if loss is None:
+                raise RuntimeError(
+                    f'{self.case.label}: no output requires grad, nothing to train')
+            loss.backward()
+        else:
+            with torch.no_grad():
+                self.forward()
+
+    def timed_step(self) -> float:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        start = self.clock()
+        self.step()
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        return self.clock() - start
+
+    def peak_memory(self) -> Tuple[float, float, str]:
+        """(peak MiB, extra MiB, method) of one more pass, after the timed ones."""
+        probe = PeakMemoryProbe(self.device)
+        probe.start()
+        self.step()
+        peak_mb, extra_mb = probe.stop()
+        return peak_mb, extra_mb, probe.method
+
+    def row(self, times: List[float]) -> Dict[str, Any]:
+        peak_mb, extra_mb, method = self.peak_memory()
+        median = statistics.median(times)
+        row = asdict(self.case)
+        row.update(
+            height=self.case.shape[0],
+            width=self.case.shape[1],
+            threads=torch.get_num_threads(),
+            params=count_parameters(self.model),
+            median_ms=1000 * median,
+            mean_ms=1000 * statistics.fmean(times),
+            min_ms=1000 * min(times),
+            max_ms=1000 * max(times),
+            images_per_s=self.case.batch_size / median,
+            peak_mem_mb=peak_mb,
+            extra_mem_mb=extra_mb,
+            mem_method=method,
+            error='')
+        row.pop('shape')
+        row.pop('cfg_options')
+        return row
+
+
 def measure_case(case: BenchmarkCase) -> Dict[str, Any]:
     """Run ``case`` in this process and return its result row."""
     if case.threads:
         torch.set_num_threads(case.threads)
-    device = torch.device(case.device)
-    model = _build_case_model(case).to(device)
-    training = case.mode == 'train'
-    model.train(training)
-    images, data_samples = synthetic_batch(model, case.shape, case.batch_size, device)
-    forward = forward_fn(model, images, data_samples)
-
-    def step() -> None:
-        if training:
-            model.zero_grad(set_to_none=True)
-            loss = sum_outputs(forward())
-            if loss is None:
-                raise RuntimeError(f'{case.label}: no output requires grad, nothing to train')
-            loss.backward()
-        else:
-            with torch.no_grad():
-                forward()
-
-    clock = time.process_time if case.timer == 'cpu' else time.perf_counter
-
-    def timed_step() -> float:
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        start = clock()
-        step()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        return clock() - start
-
+    prepared = _PreparedCase(case)
     for index in range(case.warmup):
-        seconds = timed_step()
+        seconds = prepared.timed_step()
         print_log(f'  warm-up {index + 1}/{case.warmup}: {1000 * seconds:.1f} ms',
                   logger='current')
     times: List[float] = []
     for index in range(case.repeats):
-        times.append(timed_step())
+        times.append(prepared.timed_step())
         print_log(f'  run {index + 1}/{case.repeats}: {1000 * times[-1]:.1f} ms',
                   logger='current')
-    probe = PeakMemoryProbe(device)
-    probe.start()
-    step()
-    peak_mb, extra_mb = probe.stop()
-    median = statistics.median(times)
-    row = asdict(case)
-    row.update(
-        height=case.shape[0],
-        width=case.shape[1],
-        threads=torch.get_num_threads(),
-        params=count_parameters(model),
-        median_ms=1000 * median,
-        mean_ms=1000 * statistics.fmean(times),
-        min_ms=1000 * min(times),
-        max_ms=1000 * max(times),
-        images_per_s=case.batch_size / median,
-        peak_mem_mb=peak_mb,
-        extra_mem_mb=extra_mb,
-        mem_method=probe.method,
-        error='')
-    row.pop('shape')
-    row.pop('cfg_options')
-    return row
+    return prepared.row(times)
+
+
+_SHARED_SETTINGS = ('shape', 'batch_size', 'mode', 'device', 'warmup', 'repeats', 'threads',
+                    'timer')
+
+
+def measure_interleaved(cases: Sequence[BenchmarkCase]) -> List[Dict[str, Any]]:
+    """Time several models on the same input pass by pass, alternating, in this process.
+
+    Round ``r`` runs one pass of every model, in the given order for even ``r`` and reversed
+    for odd ``r``, so that a drift of the machine's speed (other tenants, frequency scaling)
+    falls on all models alike and no model always runs right after the same other one.
+    Each row carries its per-round times (``round_ms``) so that the caller can take the
+    median of per-round ratios, which a drift between rounds does not move
+    (:func:`paired_time_ratio`). Peak memory is then measured per model as in
+    :func:`measure_case` (the extra memory of one pass over the resident set before it).
+
+    Args:
+        cases (Sequence[BenchmarkCase]): At least two cases that differ only in the model:
+            same shape, batch size, mode, device, warm-up, repeats, threads and timer.
+
+    Returns:
+        list[dict]: One result row per case, in the order given.
+    """
+    if len(cases) < 2:
+        raise ValueError(f'interleaving needs at least two cases, got {len(cases)}')
+    for case in cases[1:]:
+        differing = [
+            key for key in _SHARED_SETTINGS
+            if getattr(case, key) != getattr(cases[0], key)
+        ]
+        if differing:
+            raise ValueError(f'interleaved cases must share {differing}: '
+                             f'{cases[0].describe()} vs {case.describe()}')
+    if cases[0].threads:
+        torch.set_num_threads(cases[0].threads)
+    prepared = [_PreparedCase(case) for case in cases]
+    rounds = cases[0].warmup + cases[0].repeats
+    times: List[List[float]] = [[] for _ in prepared]
+    for round_index in range(rounds):
+        order = list(range(len(prepared)))
+        if round_index % 2:
+            order.reverse()
+        for index in order:
+            times[index].append(prepared[index].timed_step())
+        stage = ('warm-up' if round_index < cases[0].warmup else 'round')
+        print_log(
+            f'  {stage} {round_index + 1}/{rounds}: ' + ', '.join(
+                f'{item.case.label} {1000 * seconds[-1]:.1f} ms'
+                for item, seconds in zip(prepared, times)),
+            logger='current')
+    rows = []
+    for item, seconds in zip(prepared, times):
+        timed = seconds[cases[0].warmup:]
+        row = item.row(timed)
+        row['round_ms'] = [1000 * value for value in timed]
+        rows.append(row)
+    return rows
+
+
+def paired_time_ratio(row: Dict[str, Any],
+                      reference: Dict[str, Any]) -> Tuple[float, float, float]:
+    """Median, lower and upper quartile of the per-round time ratios ``row / reference``.
+
+    Both rows must come from one :func:`measure_interleaved` run (``round_ms``).
+    """
+    ratios = [
+        value / reference_value
+        for value, reference_value in zip(row['round_ms'], reference['round_ms'])
+    ]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    lower, _, upper = statistics.quantiles(ratios, n=4, method='inclusive')
+    return statistics.median(ratios), lower, upper
 
 
 def failed_row(case: BenchmarkCase, error: str) -> Dict[str, Any]:
@@ -268,14 +361,14 @@ def failed_row(case: BenchmarkCase, error: str) -> Dict[str, Any]:
     return row
 
 
-def run_case_in_subprocess(case: BenchmarkCase,
-                           timeout: Optional[float] = None) -> Dict[str, Any]:
-    """Run ``case`` in a fresh interpreter (its output, e.g. progress, passes through)."""
+def _run_worker(payload: Any, timeout: Optional[float]) -> Any:
+    """Run the worker on ``payload`` in a fresh interpreter; its result, or the reason why
+    there is none (a string)."""
     with tempfile.TemporaryDirectory() as workdir:
         spec_path = os.path.join(workdir, 'case.json')
         result_path = os.path.join(workdir, 'result.json')
         with open(spec_path, 'w') as file:
-            json.dump(asdict(case), file)
+            json.dump(payload, file)
         command = [sys.executable, '-m', __name__, spec_path, result_path]
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
         env = dict(os.environ)
@@ -285,23 +378,42 @@ def run_case_in_subprocess(case: BenchmarkCase,
             completed = subprocess.run(
                 command, timeout=timeout, stderr=subprocess.PIPE, text=True, env=env)
         except subprocess.TimeoutExpired:
-            return failed_row(case, f'timed out after {timeout} s')
+            return f'timed out after {timeout} s'
         if completed.returncode != 0 or not os.path.exists(result_path):
             lines = (completed.stderr or '').strip().splitlines()
             reason = lines[-1] if lines else f'exit status {completed.returncode}'
             if completed.returncode < 0:
                 reason = f'killed by signal {-completed.returncode} (out of memory?)'
-            return failed_row(case, reason)
+            return reason
         with open(result_path) as file:
             return json.load(file)
 
 
+def run_case_in_subprocess(case: BenchmarkCase,
+                           timeout: Optional[float] = None) -> Dict[str, Any]:
+    """Run ``case`` in a fresh interpreter (its output, e.g. progress, passes through)."""
+    result = _run_worker(asdict(case), timeout)
+    return failed_row(case, result) if isinstance(result, str) else result
+
+
+def run_interleaved_in_subprocess(cases: Sequence[BenchmarkCase],
+                                  timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+    """:func:`measure_interleaved` in a fresh interpreter."""
+    result = _run_worker([asdict(case) for case in cases], timeout)
+    if isinstance(result, str):
+        return [failed_row(case, result) for case in cases]
+    return result
+
+
 def _worker(spec_path: str, result_path: str) -> None:
     with open(spec_path) as file:
-        case = BenchmarkCase(**json.load(file))
-    row = measure_case(case)
+        spec = json.load(file)
+    if isinstance(spec, list):
+        result = measure_interleaved([BenchmarkCase(**case) for case in spec])
+    else:
+        result = measure_case(BenchmarkCase(**spec))
     with open(result_path, 'w') as file:
-        json.dump(row, file)
+        json.dump(result, file)
 
 
 if __name__ == '__main__':

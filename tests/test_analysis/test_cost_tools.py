@@ -9,7 +9,9 @@ import torch
 
 from mmsparsevit.analysis import (build_model, count_parameters, load_model_spec,
                                   measure_complexity, select_backbone)
-from mmsparsevit.analysis.benchmark import BenchmarkCase, PeakMemoryProbe, measure_case
+from mmsparsevit.analysis import benchmark
+from mmsparsevit.analysis.benchmark import (BenchmarkCase, PeakMemoryProbe, measure_case,
+                                            measure_interleaved, paired_time_ratio)
 
 TOOLS = osp.join(osp.dirname(__file__), '..', '..', 'tools', 'analysis_tools')
 
@@ -152,6 +154,52 @@ def test_measure_case_in_process_reports_medians_and_memory():
     with pytest.raises(ValueError, match='threads=1'):
         BenchmarkCase(shape=(64, 64), batch_size=1, mode='train', backbone=TINY_RESNET,
                       timer='cpu')
+
+
+def interleaved_cases(**overrides):
+    settings = dict(shape=(64, 64), batch_size=1, mode='inference', warmup=1, repeats=4,
+                    threads=1, timer='cpu')
+    return [
+        BenchmarkCase(backbone=TINY_RESNET, label='resnet', **settings),
+        BenchmarkCase(backbone=TINY_SWIN, label='swin', **{**settings, **overrides})
+    ]
+
+
+def test_measure_interleaved_alternates_and_pairs_rounds(monkeypatch):
+    calls = []
+
+    def scripted_step(prepared):
+        # The machine slows down by 1 s per pass; the swin pass itself costs 1 s more.
+        calls.append(prepared.case.label)
+        return len(calls) + (prepared.case.label == 'swin')
+
+    monkeypatch.setattr(benchmark._PreparedCase, 'timed_step', scripted_step)
+    resnet, swin = measure_interleaved(interleaved_cases())
+    assert calls == ['resnet', 'swin', 'swin', 'resnet'] * 2 + ['resnet', 'swin']
+    assert resnet['round_ms'] == [4000, 5000, 8000, 9000]
+    assert swin['round_ms'] == [4000, 7000, 8000, 11000]
+    assert resnet['median_ms'] == 6500 and swin['median_ms'] == 7500
+    assert resnet['label'] == 'resnet' and resnet['params'] < swin['params']
+    assert resnet['extra_mem_mb'] > 0 and swin['extra_mem_mb'] > 0
+    ratios = sorted(s / r for s, r in zip(swin['round_ms'], resnet['round_ms']))
+    median, lower, upper = paired_time_ratio(swin, resnet)
+    assert median == pytest.approx((ratios[1] + ratios[2]) / 2)
+    assert ratios[0] <= lower <= median <= upper <= ratios[-1]
+
+
+def test_measure_interleaved_times_real_models():
+    resnet, swin = measure_interleaved(interleaved_cases())
+    for row in (resnet, swin):
+        assert len(row['round_ms']) == 4 and all(value > 0 for value in row['round_ms'])
+        assert row['median_ms'] == pytest.approx(
+            (sorted(row['round_ms'])[1] + sorted(row['round_ms'])[2]) / 2)
+
+
+def test_measure_interleaved_needs_comparable_cases():
+    with pytest.raises(ValueError, match=r"share \['shape', 'mode'\]"):
+        measure_interleaved(interleaved_cases(shape=(32, 32), mode='train'))
+    with pytest.raises(ValueError, match='at least two cases'):
+        measure_interleaved(interleaved_cases()[:1])
 
 
 def test_benchmark_tool_runs_cases_in_subprocesses(tmp_path):

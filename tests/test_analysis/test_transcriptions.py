@@ -101,6 +101,7 @@ def test_benchmark_targets_tool_reports_every_target(tmp_path):
     with open(tmp_path / 'backbones.csv') as file:
         rows = list(csv.DictReader(file))
     assert [row['implementation'] for row in rows] == ['ours', 'plain']
+    assert all(len(row['round_ms'].split()) == 1 for row in rows)
     assert all(float(row['max_relative_error']) < 1e-12 for row in rows)
     table = (tmp_path / 'targets.md').read_text()
     assert table.count('\n| ') == 4 and '| target | measured | met? |' in table

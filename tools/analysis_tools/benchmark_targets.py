@@ -9,9 +9,12 @@ r"""The performance targets, measured side by side in one run.
 3. Whole backbones: ours at most 10 % slower than a plain PyTorch transcription of the same
    math (:mod:`mmsparsevit.analysis.transcriptions`) with the same weights; speedups are
    reported where ours is faster. Before timing, the two are checked to compute the same
-   function (max relative error of the stage outputs). Every (backbone, implementation,
-   input, mode) case runs in a fresh process (``benchmark.py``'s worker), ours and the
-   transcription alternating, so machine load drifts affect both alike.
+   function (max relative error of the stage outputs). Each (backbone, input, mode) runs
+   in a fresh process that holds both models and times them pass by pass, alternating
+   (``measure_interleaved``); the verdict is the median of the per-round time ratios, which
+   a drift of the machine's speed between rounds does not move (a shared VM drifts by more
+   than the 10 % margin between consecutive processes). The quartiles of the ratio are
+   reported beside it.
 
 Writes ``targets.md`` (the table quoted in the README), ``targets.json``, ``backbones.csv``
 and the raw outputs of the two attention benchmarks under ``--out-dir``.
@@ -27,12 +30,12 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from mmsparsevit.analysis.benchmark import (IMPLEMENTATIONS, TIMERS, BenchmarkCase,
-                                            run_case_in_subprocess)
+                                            paired_time_ratio, run_interleaved_in_subprocess)
 from mmsparsevit.analysis.transcriptions import TRANSCRIBED, build_pair
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
@@ -63,8 +66,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='square inputs of the backbone comparison (inference)')
     parser.add_argument('--train-sizes', type=int, nargs='*', default=[224],
                         help='square inputs of the forward + backward backbone comparison')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=2,
+                        help='untimed rounds of the backbone comparison')
+    parser.add_argument('--repeats', type=int, default=10,
+                        help='timed rounds (one pass of ours and one of the transcription '
+                        'each) of the backbone comparison')
     parser.add_argument('--skip-attention', action='store_true',
                         help='only the whole-backbone comparison')
     parser.add_argument('--out-dir', default='work_dirs/benchmark_targets')
@@ -161,23 +167,25 @@ def same_function_error(name: str) -> float:
                    for a, b in zip(ours(images), plain(images)))
 
 
-def backbone_cases(args: argparse.Namespace, name: str) -> List[BenchmarkCase]:
-    settings = [('inference', size) for size in args.sizes]
-    settings += [('train', size) for size in args.train_sizes]
-    return [
-        BenchmarkCase(
-            shape=(size, size),
-            batch_size=1,
-            mode=mode,
-            backbone=name,
-            implementation=implementation,
-            device=args.device,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            threads=args.threads,
-            label=f'{name} ({implementation})',
-            timer=args.timer) for mode, size in settings for implementation in IMPLEMENTATIONS
-    ]
+def backbone_settings(args: argparse.Namespace) -> List[Tuple[str, int]]:
+    return ([('inference', size) for size in args.sizes] +
+            [('train', size) for size in args.train_sizes])
+
+
+def backbone_case(args: argparse.Namespace, name: str, mode: str, size: int,
+                  implementation: str) -> BenchmarkCase:
+    return BenchmarkCase(
+        shape=(size, size),
+        batch_size=1,
+        mode=mode,
+        backbone=name,
+        implementation=implementation,
+        device=args.device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        threads=args.threads,
+        label=f'{name} ({implementation})',
+        timer=args.timer)
 
 
 def backbone_targets(args: argparse.Namespace) -> List[Dict]:
@@ -186,34 +194,35 @@ def backbone_targets(args: argparse.Namespace) -> List[Dict]:
         error = same_function_error(name)
         print(f'{name}: ours vs plain transcription, max relative error {error:.1e}',
               flush=True)
-        measured = {}
-        for case in backbone_cases(args, name):
-            print(f'  {case.describe()}', flush=True)
-            row = run_case_in_subprocess(case)
-            if row.get('error'):
-                raise RuntimeError(f'{case.describe()} failed: {row["error"]}')
-            row.update(model=name, max_relative_error=error)
-            rows.append(row)
-            measured[(case.mode, case.shape[0], case.implementation)] = row
-            print(f'    {row["median_ms"]:.1f} ms, peak +{row["extra_mem_mb"]:.0f} MiB',
-                  flush=True)
-        for (mode, size, implementation), ours in measured.items():
-            if implementation != 'ours':
-                continue
-            plain = measured[(mode, size, 'plain')]
-            ratio = ours['median_ms'] / plain['median_ms']
+        for mode, size in backbone_settings(args):
+            cases = [
+                backbone_case(args, name, mode, size, implementation)
+                for implementation in IMPLEMENTATIONS
+            ]
+            print(f'  {cases[0].describe()} and {cases[1].label}, interleaved', flush=True)
+            ours, plain = run_interleaved_in_subprocess(cases)
+            for row in (ours, plain):
+                if row.get('error'):
+                    raise RuntimeError(f'{row["label"]} {mode} {size}² failed: {row["error"]}')
+                row.update(model=name, max_relative_error=error)
+                print(f'    {row["label"]}: median {row["median_ms"]:.1f} ms, '
+                      f'peak +{row["extra_mem_mb"]:.0f} MiB', flush=True)
+            rows += [ours, plain]
+            ratio, lower, upper = paired_time_ratio(ours, plain)
             verdict = (f'**{1 / ratio:.2f}x faster**' if ratio < 1 else
                        f'{100 * (ratio - 1):.0f} % slower')
             results.append(
                 dict(
                     target=f'{name}, {mode} {size}²: <= {100 * (BACKBONE_MAX_SLOWDOWN - 1):.0f} '
                     '% slower than the plain transcription',
-                    measured=f'{ours["median_ms"]:.0f} vs {plain["median_ms"]:.0f} ms '
-                    f'({verdict}); peak +{ours["extra_mem_mb"]:.0f} vs '
+                    measured=f'{ours["median_ms"]:.0f} vs {plain["median_ms"]:.0f} ms; '
+                    f'paired ratio {ratio:.2f} (quartiles {lower:.2f}–{upper:.2f}, '
+                    f'{args.repeats} rounds): {verdict}; peak +{ours["extra_mem_mb"]:.0f} vs '
                     f'+{plain["extra_mem_mb"]:.0f} MiB; same outputs within {error:.0e} '
                     'relative',
                     met=ratio <= BACKBONE_MAX_SLOWDOWN,
-                    time_ratio=ratio))
+                    time_ratio=ratio,
+                    time_ratio_quartiles=[lower, upper]))
     write_csv(rows, os.path.join(args.out_dir, 'backbones.csv'))
     return results
 
@@ -223,7 +232,12 @@ def write_csv(rows: List[Dict], path: str) -> None:
     with open(path, 'w', newline='') as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        for row in rows:
+            writer.writerow({
+                key: ' '.join(f'{item:.3f}' for item in value) if isinstance(value, list) else
+                value
+                for key, value in row.items()
+            })
 
 
 def environment(args: argparse.Namespace) -> Dict:
