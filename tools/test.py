@@ -17,6 +17,7 @@ import mmsparsevit.models  # noqa: F401  registers this package's modules
 from mmsparsevit.apis import ConfigCheckError
 from mmsparsevit.apis.cli import (add_common_args, build_runner, load_config, parse_common,
                                   run_reporting_input_errors)
+from mmsparsevit.engine import harden_test_config
 
 # mmdet's dumper stores masks as RLE; mmengine's stores predictions as they are.
 _DUMP_METRIC = {'mmdet': 'DumpDetResults'}
@@ -39,10 +40,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def test_config(args: argparse.Namespace) -> Config:
-    """The config with the checkpoint and the visualisation options applied."""
+    """The config with the checkpoint, the per-sample data checks and the visualisation
+    options applied."""
     if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):
         raise ConfigCheckError(f'checkpoint {args.checkpoint} does not exist')
-    cfg = load_config(args)
+    cfg = harden_test_config(load_config(args))
     cfg.load_from = args.checkpoint
     if args.show_dir is not None:
         hook = (cfg.get('default_hooks') or {}).get('visualization')

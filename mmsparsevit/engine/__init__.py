@@ -2,18 +2,19 @@
 
 Importing this package registers the ``local_atomic`` file backend, the hooks
 ``mmsparsevit.NonFiniteLossHook`` / ``mmsparsevit.DataAuditHook`` and the transform
-``mmsparsevit.CheckLoadedSample``; :func:`harden_train_config` switches them on for a run.
+``mmsparsevit.CheckLoadedSample``; :func:`harden_train_config` and
+:func:`harden_test_config` switch them on for a run.
 """
 from .atomic_io import ATOMIC_BACKEND, AtomicLocalBackend, atomic_write_bytes
 from .data_audit import audit_coco_annotations, audit_dataset
 from .hooks import DataAuditHook, NonFiniteLossError, NonFiniteLossHook
 from .resume import ResumeError, checkpoint_problem, find_resumable_checkpoint
-from .train_defaults import harden_train_config
+from .train_defaults import harden_test_config, harden_train_config
 from .transforms import CheckLoadedSample, DataCheckError
 
 __all__ = [
     'ATOMIC_BACKEND', 'AtomicLocalBackend', 'atomic_write_bytes', 'audit_coco_annotations',
     'audit_dataset', 'DataAuditHook', 'NonFiniteLossError', 'NonFiniteLossHook', 'ResumeError',
-    'checkpoint_problem', 'find_resumable_checkpoint', 'harden_train_config', 'CheckLoadedSample',
-    'DataCheckError'
+    'checkpoint_problem', 'find_resumable_checkpoint', 'harden_test_config', 'harden_train_config',
+    'CheckLoadedSample', 'DataCheckError'
 ]

@@ -1,13 +1,14 @@
-"""The failure behaviour every ``tools/train.py`` run gets, applied to its config."""
+"""The failure behaviour every ``tools/train.py`` and ``tools/test.py`` run gets, applied to
+its config."""
 import copy
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Sequence
 
 from mmengine.config import Config
 
 from .atomic_io import ATOMIC_BACKEND
 from .resume import find_resumable_checkpoint
 
-__all__ = ['harden_train_config']
+__all__ = ['harden_train_config', 'harden_test_config']
 
 _ENGINE_MODULE = 'mmsparsevit.engine'
 _HOOKS = ('mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook')
@@ -57,6 +58,27 @@ def _hook_types(hooks: List) -> List[str]:
     return [str(hook.get('type')).split('.')[-1] for hook in hooks if isinstance(hook, dict)]
 
 
+def _import_engine(cfg: Config) -> None:
+    imports = cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False)
+    modules = imports.get('imports', [])
+    modules = [modules] if isinstance(modules, str) else list(modules)
+    if _ENGINE_MODULE not in modules:
+        imports['imports'] = modules + [_ENGINE_MODULE]
+    cfg.custom_imports = imports
+
+
+def _add_sample_checks(cfg: Config, phases: Sequence[str]) -> None:
+    head = _decode_head(cfg.get('model') or {})
+    check = dict(type=_SAMPLE_CHECK)
+    if head is not None and 'num_classes' in head:
+        check.update(num_classes=head['num_classes'], ignore_index=head.get('ignore_index', 255))
+    for phase in phases:
+        loader = cfg.get(f'{phase}_dataloader')
+        for dataset in _datasets((loader or {}).get('dataset')):
+            if isinstance(dataset.get('pipeline'), (list, tuple)):
+                dataset['pipeline'] = _with_sample_check(list(dataset['pipeline']), check)
+
+
 def harden_train_config(cfg: Config) -> Config:
     """Give a training config this package's failure behaviour (see docs/failure_behaviour.md).
 
@@ -80,13 +102,7 @@ def harden_train_config(cfg: Config) -> Config:
     Raises:
         ResumeError: ``resume`` is set and the work dir holds only unusable checkpoints.
     """
-    imports = cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False)
-    modules = imports.get('imports', [])
-    modules = [modules] if isinstance(modules, str) else list(modules)
-    if _ENGINE_MODULE not in modules:
-        imports['imports'] = modules + [_ENGINE_MODULE]
-    cfg.custom_imports = imports
-
+    _import_engine(cfg)
     default_hooks = cfg.get('default_hooks')
     if default_hooks is None:
         cfg.default_hooks = default_hooks = dict()
@@ -103,16 +119,28 @@ def harden_train_config(cfg: Config) -> Config:
     custom_hooks += [dict(type=hook) for hook in _HOOKS if hook.split('.')[-1] not in present]
     cfg.custom_hooks = custom_hooks
 
-    head = _decode_head(cfg.get('model') or {})
-    check = dict(type=_SAMPLE_CHECK)
-    if head is not None and 'num_classes' in head:
-        check.update(num_classes=head['num_classes'], ignore_index=head.get('ignore_index', 255))
-    for phase in ('train', 'val', 'test'):
-        loader = cfg.get(f'{phase}_dataloader')
-        for dataset in _datasets((loader or {}).get('dataset')):
-            if isinstance(dataset.get('pipeline'), (list, tuple)):
-                dataset['pipeline'] = _with_sample_check(list(dataset['pipeline']), check)
+    _add_sample_checks(cfg, ('train', 'val', 'test'))
 
     if cfg.get('resume') and cfg.get('load_from') is None:
         cfg.load_from = find_resumable_checkpoint(cfg.work_dir)
+    return cfg
+
+
+def harden_test_config(cfg: Config) -> Config:
+    """Check every sample ``tools/test.py`` evaluates on (``CheckLoadedSample`` after the
+    annotation loader of the test pipelines), as training runs do.
+
+    A sample that fails stops the evaluation with the file named instead of scoring wrong
+    boxes (an image of another size than its annotation records) or a wrong mIoU (labels
+    outside the classes). The annotation audit stays with training: it reports what
+    *training* drops, and the COCO evaluator reads the annotation file itself.
+
+    Args:
+        cfg (Config): A merged test config; changed in place.
+
+    Returns:
+        Config: ``cfg``.
+    """
+    _import_engine(cfg)
+    _add_sample_checks(cfg, ('test', ))
     return cfg

@@ -12,11 +12,12 @@ import cv2
 import numpy as np
 import pytest
 from mmengine.registry import DATASETS, init_default_scope
-from robustness_utils import (DET_CONFIG, SEG_CONFIG, capture_warnings, fixture_config,
-                              make_fixture_data)
+import torch
+from robustness_utils import (DET_CONFIG, SEG_CONFIG, capture_warnings, data_options,
+                              fixture_config, make_fixture_data, run_tool)
 
 from mmsparsevit.engine import (DataAuditHook, DataCheckError, audit_coco_annotations, data_audit,
-                                harden_train_config)
+                                harden_test_config, harden_train_config)
 
 SEG_NUM_CLASSES = 4
 
@@ -189,3 +190,24 @@ def test_clean_samples_pass_the_check_in_every_pipeline(pristine):
             assert (check.num_classes, check.ignore_index) == (SEG_NUM_CLASSES, 255)
         dataset = _build(config, pristine)
         assert all(dataset[i] is not None for i in range(len(dataset)))
+
+
+def test_test_tool_checks_every_sample_it_evaluates(data_root, tmp_path):
+    cfg = harden_test_config(fixture_config(SEG_CONFIG, data_root))
+    types = [t['type'] for t in cfg.test_dataloader.dataset.pipeline]
+    assert types[types.index('LoadAnnotations') + 1] == 'mmsparsevit.CheckLoadedSample'
+    assert 'mmsparsevit.engine' in cfg.custom_imports['imports']
+
+    seg_map = data_root / 'ade' / 'annotations' / 'validation' / '000000.png'
+    labels = cv2.imread(str(seg_map), 0)
+    labels[:4, :4] = 9
+    cv2.imwrite(str(seg_map), labels)
+    checkpoint = tmp_path / 'untrained.pth'
+    torch.save(dict(state_dict={}), checkpoint)
+    result = run_tool('test.py', [
+        SEG_CONFIG, checkpoint, '--work-dir', tmp_path / 'work', '--cfg-options',
+        *data_options(SEG_CONFIG, data_root)
+    ])
+    assert result.returncode != 0
+    assert (f'segmentation map {seg_map} holds labels [8] outside the {SEG_NUM_CLASSES} '
+            'classes') in result.stderr
