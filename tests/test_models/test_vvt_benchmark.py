@@ -48,3 +48,21 @@ def test_vicinity_memory_grows_linearly_softmax_quadratically(bench, tmp_path):
     saved = json.loads(out_json.read_text())
     assert saved['environment']['amp'] is False and len(saved['rows']) == 5
     assert len(out_csv.read_text().splitlines()) == 6
+
+
+def test_sizes_are_timed_in_turns_and_growth_is_paired_per_round(bench):
+    clock, calls = [0.0], []
+
+    def make_step(name, cost):
+
+        def step():
+            calls.append(name)
+            clock[0] += cost * (1 + (len(calls) - 1) // 2)  # the machine slows every round
+
+        return step
+
+    times = bench.interleaved_ms([make_step('small', 1), make_step('large', 4)],
+                                 torch.device('cpu'), warmup=1, repeat=4, clock=lambda: clock[0])
+    assert calls == ['small', 'large'] + ['small', 'large', 'large', 'small'] * 2
+    assert times == [[2000, 3000, 4000, 5000], [8000, 12000, 16000, 20000]]
+    assert all(large / small == 4 for small, large in zip(*times))

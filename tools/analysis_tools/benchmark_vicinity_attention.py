@@ -6,7 +6,9 @@ backward, vicinity attention (:class:`VicinityAttention`) against a standard mul
 softmax attention of the same width that materialises the N x N matrix. Each row reports
 the median time and the peak memory of the tensors it allocates, and the growth factor
 against the previous map (4x tokens when S doubles): linear for vicinity, quadratic for
-softmax.
+softmax. The sizes of one layer are timed in turns, one pass of each per round, and the time
+growth is the median of the per-round ratios: a drift of the machine's speed during the run
+moves both sides of a ratio alike.
 
 Part 2 (backbone): a VVT preset at several square input sizes, forward and/or forward +
 backward.
@@ -140,7 +142,32 @@ def autocast_context(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def interleaved_ms(steps: Sequence[Callable[[], None]],
+                   device: torch.device,
+                   warmup: int,
+                   repeat: int,
+                   clock: Callable[[], float] = time.perf_counter) -> List[List[float]]:
+    """Per-round times (ms) of several steps run in turns, one pass of each per round, in
+    alternating order, so that a drift of the machine's speed falls on all of them alike."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    times: List[List[float]] = [[] for _ in steps]
+    for round_index in range(repeat):
+        order = range(len(steps)) if round_index % 2 == 0 else reversed(range(len(steps)))
+        for index in order:
+            synchronize(device)
+            start = clock()
+            steps[index]()
+            synchronize(device)
+            times[index].append((clock() - start) * 1e3)
+    return times
+
+
 def attention_rows(args: argparse.Namespace, device: torch.device) -> List[Dict]:
+    """Each layer at every side; the sides of one layer are timed in turns
+    (:func:`interleaved_ms`) and ``time_growth`` is the median of the per-round ratios of
+    consecutive sides."""
     layers = {
         'vicinity':
         VicinityAttention(
@@ -150,12 +177,14 @@ def attention_rows(args: argparse.Namespace, device: torch.device) -> List[Dict]
     }
     rows = []
     for method, layer in layers.items():
-        previous = None
-        for side in args.sides:
-            tokens = side * side
-            if method == 'softmax' and tokens > args.softmax_max_tokens:
-                continue
-            x = torch.randn(args.batch, tokens, args.dim, device=device, requires_grad=True)
+        sides = [
+            side for side in args.sides
+            if method != 'softmax' or side * side <= args.softmax_max_tokens
+        ]
+
+        def make_step(side: int) -> Callable[[], None]:
+            x = torch.randn(args.batch, side * side, args.dim, device=device,
+                            requires_grad=True)
 
             def step() -> None:
                 with autocast_context(device, args.amp):
@@ -164,17 +193,23 @@ def attention_rows(args: argparse.Namespace, device: torch.device) -> List[Dict]
                 layer.zero_grad(set_to_none=True)
                 x.grad = None
 
+            return step
+
+        steps = [make_step(side) for side in sides]
+        times = interleaved_ms(steps, device, args.warmup, args.repeat, args.clock)
+        for index, (side, step) in enumerate(zip(sides, steps)):
+            tokens = side * side
             row = dict(
                 part='attention', method=method, tokens=tokens, side=side, batch=args.batch,
-                dim=args.dim, mode='fwd+bwd',
-                median_ms=median_ms(step, device, args.warmup, args.repeat, args.clock),
+                dim=args.dim, mode='fwd+bwd', median_ms=statistics.median(times[index]),
                 peak_mb=peak_mb(step, device))
-            if previous is not None:
-                row['time_growth'] = row['median_ms'] / previous['median_ms']
+            if index > 0:
+                previous = rows[-1]
+                row['time_growth'] = statistics.median(
+                    now / before for now, before in zip(times[index], times[index - 1]))
                 row['memory_growth'] = row['peak_mb'] / previous['peak_mb']
                 row['token_growth'] = tokens / previous['tokens']
             rows.append(row)
-            previous = row
             print_row(row)
     return rows
 
@@ -231,7 +266,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help='wall clock, or CPU time of this process (steadier on a shared machine; '
         'CPU only, use with --threads 1)')
     parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--repeat', type=int, default=5)
+    parser.add_argument('--repeat', type=int, default=7)
     parser.add_argument(
         '--sides', type=int, nargs='+', default=(28, 56, 112),
         help='token-map sides of the attention benchmark (tokens = side^2)')
