@@ -43,11 +43,19 @@ class ToyRegressor(BaseModel):
         return dict(loss=((inputs - self.weight)**2).sum())
 
 
+class DistanceRegressor(ToyRegressor):
+    """Loss = distance to the sample: finite everywhere, gradient 0/0 = NaN at the sample."""
+
+    def forward(self, inputs, data_samples=None, mode='tensor'):
+        return dict(loss=((inputs - self.weight)**2).sum().sqrt())
+
+
 def toy_runner(work_dir: Path, samples, max_iters: int, custom_hooks=(), default_hooks=None,
-               **kwargs) -> Runner:
-    """A one-sample-per-iteration runner over ``samples`` (each a 2-vector), in order."""
+               model=None, **kwargs) -> Runner:
+    """A one-sample-per-iteration runner over ``samples`` (each a 2-vector), in order; the
+    model is a fresh :class:`ToyRegressor` unless given."""
     return Runner(
-        model=ToyRegressor(),
+        model=model or ToyRegressor(),
         work_dir=str(work_dir),
         train_dataloader=dict(
             dataset=[dict(inputs=torch.as_tensor(sample, dtype=torch.float32))

@@ -1,5 +1,6 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
-"""A NaN/Inf loss stops (or skips) training before it reaches the weights; bf16 stays finite."""
+"""A NaN/Inf loss or gradient stops (or skips) training before it reaches the weights; bf16
+stays finite."""
 import math
 from types import SimpleNamespace
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.structures import BaseDataElement
-from robustness_utils import capture_warnings, toy_runner
+from robustness_utils import DistanceRegressor, capture_warnings, toy_runner
 
 from mmsparsevit.engine import NonFiniteLossError, NonFiniteLossHook, harden_train_config
 from mmsparsevit.engine.hooks import non_finite_loss_hook
@@ -17,8 +18,8 @@ from mmsparsevit.models.layers.vicinity_attention import VicinityAttention
 GOOD = (1.0, 2.0)
 
 
-def _weights_after(tmp_path, samples, **hook_args):
-    runner = toy_runner(tmp_path, samples, max_iters=len(samples),
+def _weights_after(tmp_path, samples, model=None, **hook_args):
+    runner = toy_runner(tmp_path, samples, max_iters=len(samples), model=model,
                         custom_hooks=[dict(type='mmsparsevit.NonFiniteLossHook', **hook_args)])
     try:
         runner.train()
@@ -81,6 +82,34 @@ def test_skip_stops_after_too_many_consecutive_bad_steps(tmp_path):
                        max_consecutive_skips=2)
 
 
+AT_THE_START = (0.0, 0.0)  # DistanceRegressor starts at weight (0, 0): 0/0 gradients
+
+
+def test_finite_loss_with_nan_gradients_stops_and_names_the_parameter(tmp_path):
+    with pytest.raises(NonFiniteLossError) as raised:
+        _weights_after(tmp_path, [AT_THE_START, GOOD], model=DistanceRegressor())
+    message = str(raised.value)
+    assert message.startswith('the gradients are NaN although the loss is finite at iteration '
+                              '1 (epoch 1): loss=0; non-finite gradients in 1 parameter(s): '
+                              'weight. Training stopped before this step changed the weights')
+
+
+def test_finite_loss_with_nan_gradients_is_skipped_like_a_bad_loss(tmp_path, monkeypatch):
+    logged = capture_warnings(monkeypatch, non_finite_loss_hook)
+    runner, weight = _weights_after(tmp_path / 'skip', [AT_THE_START, GOOD, GOOD],
+                                    model=DistanceRegressor(), action='skip')
+    assert logged == ['the gradients are NaN although the loss is finite at iteration 1 '
+                      '(epoch 1): loss=0; non-finite gradients in 1 parameter(s): weight; '
+                      'skipped this step (1 skipped so far).']
+    _, clean = _weights_after(tmp_path / 'clean', [GOOD, GOOD], model=DistanceRegressor())
+    assert torch.isfinite(weight).all()
+    torch.testing.assert_close(weight, clean, rtol=0, atol=0)
+    # Without the gradient check the NaN reaches the weights (and the next loss).
+    _, unguarded = _weights_after(tmp_path / 'unguarded', [AT_THE_START],
+                                  model=DistanceRegressor(), check_gradients=False)
+    assert torch.isnan(unguarded).all()
+
+
 @pytest.mark.parametrize('kwargs,match', [(dict(action='ignore'), 'action'),
                                           (dict(max_consecutive_skips=-1), 'max_consecutive')])
 def test_invalid_hook_arguments(kwargs, match):
@@ -121,7 +150,7 @@ def test_vvt_stays_finite_under_bf16_on_a_large_magnitude_image():
 def test_message_names_every_loss_term_and_the_batch_images():
     samples = [BaseDataElement(metainfo=dict(img_path=f'data/train/{i:06d}.jpg')) for i in (3, 7)]
     message = NonFiniteLossHook._describe(
-        SimpleNamespace(iter=36, epoch=1), math.nan,
+        SimpleNamespace(iter=36, epoch=1), 'the training loss is NaN',
         dict(loss=torch.tensor(math.nan), loss_cls=torch.tensor(math.nan),
              loss_bbox=torch.tensor(0.25)), dict(inputs=[], data_samples=samples))
     assert message == ('the training loss is NaN at iteration 37 (epoch 2): loss=nan, '
