@@ -135,14 +135,41 @@ def _status_kib(key: str) -> int:
     raise KeyError(key)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL('libc.so.6')
+    except OSError:
+        return None
+
+
 def _release_cached_heap() -> bool:
     """Make glibc return freed blocks of >= 64 KiB to the kernel at once (see module doc)."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-    except OSError:
-        return False
-    m_mmap_threshold = -3
-    return bool(libc.mallopt(m_mmap_threshold, 64 * 1024)) and libc.malloc_trim(0) >= 0
+    libc = _glibc()
+    return (libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024))
+            and libc.malloc_trim(0) >= 0)
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process for reuse instead of returning it.
+
+    By default glibc serves large blocks with fresh ``mmap`` pages and trims the heap's top
+    after large frees, so a tensor of a few MiB allocated anew every pass is page-faulted
+    (zeroed by the kernel, cache-cold) every pass: measured as 20 % of one vicinity attention
+    pass at 12544 tokens, and none at 3136 tokens, whose tensors stay below the thresholds.
+    That cost depends on the allocator's thresholds, not on the computation. Sets the mmap
+    threshold to its maximum (32 MiB on 64-bit systems) and the trim threshold to 2 GiB,
+    which is what a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator) does
+    anyway.
+
+    Returns:
+        bool: Whether glibc accepted both settings (False elsewhere).
+    """
+    libc = _glibc()
+    return (libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20))
+            and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def _reset_peak_rss() -> bool:

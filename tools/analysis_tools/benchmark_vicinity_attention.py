@@ -4,11 +4,11 @@
 Part 1 (attention): one attention layer on an S x S token map for growing S, forward +
 backward, vicinity attention (:class:`VicinityAttention`) against a standard multi-head
 softmax attention of the same width that materialises the N x N matrix. Each row reports
-the median time and the peak memory of the tensors it allocates, and the growth factor
-against the previous map (4x tokens when S doubles): linear for vicinity, quadratic for
-softmax. The sizes of one layer are timed in turns, one pass of each per round, and the time
-growth is the median of the per-round ratios: a drift of the machine's speed during the run
-moves both sides of a ratio alike.
+the median time, the peak memory of the tensors it allocates, the page faults of one pass
+and the growth factor against the previous map (4x tokens when S doubles): linear for
+vicinity, quadratic for softmax. The sizes of one layer are timed in turns, one pass of each
+per round, and the time growth is the median of the per-round ratios: a drift of the
+machine's speed during the run moves both sides of a ratio alike.
 
 Part 2 (backbone): a VVT preset at several square input sizes, forward and/or forward +
 backward.
@@ -17,7 +17,10 @@ Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak of liv
 storage allocated by the measured call, tracked per operator (kernel-internal scratch
 buffers are not seen). Times: warm-up runs, then the median of ``--repeat`` runs, by the
 wall clock or (``--timer cpu``, with ``--threads 1``) by this process's CPU time, which a
-busy shared machine disturbs much less.
+busy shared machine disturbs much less. With glibc's default thresholds, tensors of a few
+MiB are page-faulted anew every pass, a cost that appears only above those thresholds and
+so bends the time curve between sizes; ``--retain-freed-memory`` keeps freed memory in the
+process, as caching allocators do (the page-fault column shows the difference).
 
 Examples:
     python tools/analysis_tools/benchmark_vicinity_attention.py --threads 2
@@ -28,6 +31,7 @@ import argparse
 import csv
 import json
 import platform
+import resource
 import statistics
 import time
 import weakref
@@ -39,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from mmsparsevit.analysis.benchmark import retain_freed_memory
 from mmsparsevit.models.backbones.vvt import VVT
 from mmsparsevit.models.layers import VicinityAttention
 
@@ -135,6 +140,14 @@ def peak_mb(fn: Callable[[], None], device: torch.device) -> float:
     return tracker.peak / 2**20
 
 
+def page_faults(fn: Callable[[], None]) -> int:
+    """Page faults (minor + major) of this process during one call of ``fn``."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return (after.ru_minflt - before.ru_minflt) + (after.ru_majflt - before.ru_majflt)
+
+
 def autocast_context(device: torch.device, amp: bool):
     if not amp:
         return nullcontext()
@@ -202,7 +215,7 @@ def attention_rows(args: argparse.Namespace, device: torch.device) -> List[Dict]
             row = dict(
                 part='attention', method=method, tokens=tokens, side=side, batch=args.batch,
                 dim=args.dim, mode='fwd+bwd', median_ms=statistics.median(times[index]),
-                peak_mb=peak_mb(step, device))
+                peak_mb=peak_mb(step, device), page_faults=page_faults(step))
             if index > 0:
                 previous = rows[-1]
                 row['time_growth'] = statistics.median(
@@ -250,9 +263,10 @@ def print_row(row: Dict) -> None:
     if 'time_growth' in row:
         growth = (f'  x{row["token_growth"]:.0f} tokens -> time x{row["time_growth"]:.2f}, '
                   f'memory x{row["memory_growth"]:.2f}')
+    faults = f'  {row["page_faults"]:6d} page faults' if 'page_faults' in row else ''
     print(f'{row["part"]:9s} {row["method"]:10s} {row["mode"]:7s} side={row["side"]:<5d} '
           f'tokens={row["tokens"]:<7d} {row["median_ms"]:10.1f} ms {row["peak_mb"]:9.1f} MiB'
-          f'{growth}', flush=True)
+          f'{faults}{growth}', flush=True)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -265,6 +279,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         '--timer', choices=('wall', 'cpu'), default='wall',
         help='wall clock, or CPU time of this process (steadier on a shared machine; '
         'CPU only, use with --threads 1)')
+    parser.add_argument(
+        '--retain-freed-memory', action='store_true',
+        help="keep freed memory in the process (glibc mallopt), so that large tensors are not "
+        'page-faulted anew every pass; see mmsparsevit.analysis.benchmark.retain_freed_memory')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--repeat', type=int, default=7)
     parser.add_argument(
@@ -297,10 +315,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args.clock = time.process_time if args.timer == 'cpu' else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.retain_freed_memory and not retain_freed_memory():
+        raise SystemExit('--retain-freed-memory needs glibc (mallopt refused or missing)')
     torch.manual_seed(0)
     environment = dict(
         torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
-        amp=args.amp, timer=args.timer, cpu=platform.processor() or platform.machine(),
+        amp=args.amp, timer=args.timer, retain_freed_memory=args.retain_freed_memory,
+        cpu=platform.processor() or platform.machine(),
         gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None)
     print(json.dumps(environment))
     rows = []
