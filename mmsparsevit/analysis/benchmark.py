@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.logging import print_log
@@ -309,6 +309,36 @@ _SHARED_SETTINGS = ('shape', 'batch_size', 'mode', 'device', 'warmup', 'repeats'
                     'timer')
 
 
+def time_in_turns(
+    timed_steps: Sequence[Callable[[], float]],
+    rounds: int,
+    on_round: Optional[Callable[[int, List[List[float]]], None]] = None
+) -> List[List[float]]:
+    """Call several timed steps in turns: one call of each per round, in the given order for
+    even rounds and reversed for odd ones, so that a drift of the machine's speed falls on
+    all of them alike and none always runs right after the same other one.
+
+    Args:
+        timed_steps (Sequence[Callable[[], float]]): Each runs once and returns its time.
+        rounds (int): Number of rounds.
+        on_round (Callable, optional): Called after each round with its index and the
+            times so far. Defaults to None.
+
+    Returns:
+        list[list[float]]: Per step, its time in every round.
+    """
+    times: List[List[float]] = [[] for _ in timed_steps]
+    for round_index in range(rounds):
+        order = list(range(len(timed_steps)))
+        if round_index % 2:
+            order.reverse()
+        for index in order:
+            times[index].append(timed_steps[index]())
+        if on_round is not None:
+            on_round(round_index, times)
+    return times
+
+
 def measure_interleaved(cases: Sequence[BenchmarkCase]) -> List[Dict[str, Any]]:
     """Time several models on the same input pass by pass, alternating, in this process.
 
@@ -341,19 +371,16 @@ def measure_interleaved(cases: Sequence[BenchmarkCase]) -> List[Dict[str, Any]]:
         torch.set_num_threads(cases[0].threads)
     prepared = [_PreparedCase(case) for case in cases]
     rounds = cases[0].warmup + cases[0].repeats
-    times: List[List[float]] = [[] for _ in prepared]
-    for round_index in range(rounds):
-        order = list(range(len(prepared)))
-        if round_index % 2:
-            order.reverse()
-        for index in order:
-            times[index].append(prepared[index].timed_step())
-        stage = ('warm-up' if round_index < cases[0].warmup else 'round')
+
+    def log_round(round_index: int, times: List[List[float]]) -> None:
+        stage = 'warm-up' if round_index < cases[0].warmup else 'round'
         print_log(
             f'  {stage} {round_index + 1}/{rounds}: ' + ', '.join(
                 f'{item.case.label} {1000 * seconds[-1]:.1f} ms'
                 for item, seconds in zip(prepared, times)),
             logger='current')
+
+    times = time_in_turns([item.timed_step for item in prepared], rounds, log_round)
     rows = []
     for item, seconds in zip(prepared, times):
         timed = seconds[cases[0].warmup:]

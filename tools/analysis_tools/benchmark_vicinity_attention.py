@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from mmsparsevit.analysis.benchmark import retain_freed_memory
+from mmsparsevit.analysis.benchmark import retain_freed_memory, time_in_turns
 from mmsparsevit.models.backbones.vvt import VVT
 from mmsparsevit.models.layers import VicinityAttention
 
@@ -160,21 +160,24 @@ def interleaved_ms(steps: Sequence[Callable[[], None]],
                    warmup: int,
                    repeat: int,
                    clock: Callable[[], float] = time.perf_counter) -> List[List[float]]:
-    """Per-round times (ms) of several steps run in turns, one pass of each per round, in
-    alternating order, so that a drift of the machine's speed falls on all of them alike."""
+    """Per-round times (ms) of several steps run in turns (:func:`time_in_turns`), after
+    ``warmup`` untimed rounds."""
     for _ in range(warmup):
         for step in steps:
             step()
-    times: List[List[float]] = [[] for _ in steps]
-    for round_index in range(repeat):
-        order = range(len(steps)) if round_index % 2 == 0 else reversed(range(len(steps)))
-        for index in order:
+
+    def timed(step: Callable[[], None]) -> Callable[[], float]:
+
+        def run() -> float:
             synchronize(device)
             start = clock()
-            steps[index]()
+            step()
             synchronize(device)
-            times[index].append((clock() - start) * 1e3)
-    return times
+            return (clock() - start) * 1e3
+
+        return run
+
+    return time_in_turns([timed(step) for step in steps], repeat)
 
 
 def attention_rows(args: argparse.Namespace, device: torch.device) -> List[Dict]:
