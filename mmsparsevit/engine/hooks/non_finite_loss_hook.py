@@ -95,45 +95,58 @@ class NonFiniteLossHook(Hook):
                 if self.check_gradients and not isinstance(wrapper, AmpOptimWrapper):
                     self._guard_step(wrapper)
 
+    @staticmethod
+    def _route_through(wrapper: OptimWrapper, method: str, make_guarded) -> None:
+        """Replace ``wrapper.<method>`` by ``make_guarded(original)``, wrapping the original
+        method once however often training is resumed."""
+        saved = f'_{method}_unguarded'
+        original = getattr(wrapper, saved, getattr(wrapper, method))
+        setattr(wrapper, saved, original)
+        setattr(wrapper, method, make_guarded(original))
+
     def _guard(self, wrapper: OptimWrapper) -> None:
-        """Route ``wrapper.update_params`` through the check (once, however often resumed)."""
-        update_params = getattr(wrapper, '_update_params_unguarded', wrapper.update_params)
-        wrapper._update_params_unguarded = update_params
+        """Check the loss before ``wrapper.update_params`` back-propagates it."""
 
-        def guarded_update_params(loss: torch.Tensor, *args, **kwargs) -> None:
-            finite = bool(torch.isfinite(loss.detach()).all())
-            if _all_ranks_agree(not finite, loss):
-                self._bad_loss = float(loss.detach().float().sum())
-                return
-            update_params(loss, *args, **kwargs)
+        def make_guarded(update_params):
 
-        wrapper.update_params = guarded_update_params
+            def guarded_update_params(loss: torch.Tensor, *args, **kwargs) -> None:
+                finite = bool(torch.isfinite(loss.detach()).all())
+                if _all_ranks_agree(not finite, loss):
+                    self._bad_loss = float(loss.detach().float().sum())
+                    return
+                update_params(loss, *args, **kwargs)
+
+            return guarded_update_params
+
+        self._route_through(wrapper, 'update_params', make_guarded)
 
     def _guard_step(self, wrapper: OptimWrapper) -> None:
-        """Route ``wrapper.step`` through the gradient check (once, however often resumed)."""
-        step = getattr(wrapper, '_step_unguarded', wrapper.step)
-        wrapper._step_unguarded = step
+        """Check the gradients before ``wrapper.step`` applies them."""
 
-        def guarded_step(**kwargs) -> None:
-            parameters = [
-                parameter for group in wrapper.optimizer.param_groups
-                for parameter in group['params'] if parameter.grad is not None
-            ]
-            if not parameters:
+        def make_guarded(step):
+
+            def guarded_step(**kwargs) -> None:
+                parameters = [
+                    parameter for group in wrapper.optimizer.param_groups
+                    for parameter in group['params'] if parameter.grad is not None
+                ]
+                if not parameters:
+                    step(**kwargs)
+                    return
+                finite = torch.stack(
+                    [parameter.grad.isfinite().all() for parameter in parameters])
+                if _all_ranks_agree(not bool(finite.all()), finite):
+                    bad = [p for p, ok in zip(parameters, finite.tolist()) if not ok]
+                    kind = 'NaN' if any(p.grad.isnan().any() for p in bad) else 'infinite'
+                    self._bad_gradients = (kind, [
+                        self._parameter_names.get(id(p), '<unnamed>') for p in bad
+                    ])
+                    return
                 step(**kwargs)
-                return
-            finite = torch.stack([parameter.grad.isfinite().all() for parameter in parameters])
-            if _all_ranks_agree(not bool(finite.all()), finite):
-                bad = [parameter for parameter, ok in zip(parameters, finite.tolist()) if not ok]
-                kind = ('NaN' if any(parameter.grad.isnan().any() for parameter in bad) else
-                        'infinite')
-                self._bad_gradients = (kind, [
-                    self._parameter_names.get(id(parameter), '<unnamed>') for parameter in bad
-                ])
-                return
-            step(**kwargs)
 
-        wrapper.step = guarded_step
+            return guarded_step
+
+        self._route_through(wrapper, 'step', make_guarded)
 
     def after_train_iter(self,
                          runner,
