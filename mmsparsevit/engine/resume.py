@@ -14,7 +14,7 @@ from mmengine.logging import print_log
 
 from mmsparsevit.apis.preflight import ConfigCheckError
 from mmsparsevit.utils.checkpoint import (CorruptCheckpointError, UnsafeCheckpointError,
-                                          load_local_checkpoint)
+                                          load_from_local)
 from .atomic_io import TEMP_PREFIX
 
 LAST_CHECKPOINT_FILE = 'last_checkpoint'
@@ -67,7 +67,7 @@ def checkpoint_problem(path: str) -> Optional[str]:
         str | None: A short reason, or None for a resumable checkpoint.
     """
     try:
-        checkpoint = load_local_checkpoint(path, map_location='cpu')
+        checkpoint = load_from_local(path, map_location='cpu')
     except (FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError) as err:
         return str(err)
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in _RESUME_KEYS):

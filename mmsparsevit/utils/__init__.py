@@ -1,7 +1,10 @@
-from .checkpoint import (CorruptCheckpointError, UnsafeCheckpointError,
-                         install_checkpoint_safety, load_local_checkpoint)
+from .checkpoint import (CheckpointDownloadError, CorruptCheckpointError, UnsafeCheckpointError,
+                         install_checkpoint_safety, load_checkpoint_file, load_from_local)
+from .restricted_unpickler import ForeignObject
+from .state_dict import StateDictMatch, match_state_dict, strip_prefix, unwrap_state_dict
 
 __all__ = [
-    'CorruptCheckpointError', 'UnsafeCheckpointError', 'install_checkpoint_safety',
-    'load_local_checkpoint'
+    'CheckpointDownloadError', 'CorruptCheckpointError', 'ForeignObject', 'StateDictMatch',
+    'UnsafeCheckpointError', 'install_checkpoint_safety', 'load_checkpoint_file',
+    'load_from_local', 'match_state_dict', 'strip_prefix', 'unwrap_state_dict'
 ]
