@@ -14,7 +14,9 @@ model = dict(
         type='mmdet.PyramidVisionTransformerV2',
         embed_dims=64,
         num_layers=[3, 4, 6, 3],
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/pvt_v2_b2.pth')),
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='https://github.com/whai362/PVT/releases/download/v2/pvt_v2_b2.pth')),
     neck=dict(in_channels=[64, 128, 320, 512]))
 
 optim_wrapper = dict(

@@ -9,7 +9,8 @@ model = dict(
         type='mmdet.SwinTransformer',
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/swin_tiny_patch4_window7_224.pth')))
+            checkpoint='https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
+            'swin_tiny_patch4_window7_224.pth')))
 
 max_epochs = 12
 train_cfg = dict(max_epochs=max_epochs)

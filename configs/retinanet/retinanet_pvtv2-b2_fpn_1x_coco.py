@@ -6,4 +6,6 @@ _base_ = 'mmdet::pvt/retinanet_pvtv2-b2_fpn_1x_coco.py'
 model = dict(
     backbone=dict(
         type='mmdet.PyramidVisionTransformerV2',
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/pvt_v2_b2.pth')))
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='https://github.com/whai362/PVT/releases/download/v2/pvt_v2_b2.pth')))

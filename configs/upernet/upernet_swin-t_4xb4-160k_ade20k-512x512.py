@@ -12,6 +12,7 @@ model = dict(
         convert_weights=True,
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/swin_tiny_patch4_window7_224.pth')))
+            checkpoint='https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
+            'swin_tiny_patch4_window7_224.pth')))
 
 train_dataloader = dict(batch_size=4)

@@ -73,7 +73,7 @@ def test_every_expected_config_is_shipped():
 
 def documented_checkpoints() -> set:
     readme = (CONFIG_ROOT / 'README.md').read_text(encoding='utf-8')
-    return set(re.findall(r'`(checkpoints/[\w.\-]+\.pth)`', readme))
+    return set(re.findall(r'`((?:checkpoints/|https://)[\w.\-/:]+\.pth)`', readme))
 
 
 def pretrained_checkpoints(model_cfg: Dict) -> list:
@@ -110,7 +110,7 @@ def test_config_parses_with_its_recipe(path):
         assert tuple(cfg.crop_size) == (512, 512)
         assert tuple(cfg.model.data_preprocessor.size) == (512, 512)
         assert cfg.model.decode_head.num_classes == 150
-    # One ImageNet checkpoint per backbone, a documented local placeholder.
+    # One ImageNet checkpoint per backbone: its official URL, or a documented local path.
     inits = pretrained_checkpoints(cfg.model)
     assert len(inits) == 1, f'expected exactly one Pretrained init_cfg, got {inits}'
     assert inits[0].type == 'Pretrained'

@@ -11,5 +11,7 @@ backbone = dict(
     pretrain_img_size=512,
     out_norms=(0, 1, 2, 3),
     drop_path_rate=0.2,
-    init_cfg=dict(type='Pretrained', checkpoint='checkpoints/lit_s.pth'))
+    init_cfg=dict(
+        type='Pretrained',
+        checkpoint='https://github.com/ziplab/LIT/releases/download/v1.0/lit_s.pth'))
 backbone_channels = [96, 192, 384, 768]

@@ -10,5 +10,7 @@ backbone = dict(
     arch='small',
     pretrain_img_size=800,
     drop_path_rate=0.2,
-    init_cfg=dict(type='Pretrained', checkpoint='checkpoints/lit_s.pth'))
+    init_cfg=dict(
+        type='Pretrained',
+        checkpoint='https://github.com/ziplab/LIT/releases/download/v1.0/lit_s.pth'))
 backbone_channels = [96, 192, 384, 768]

@@ -7,5 +7,7 @@ backbone = dict(
     type='mmsparsevit.LIT',
     arch='tiny',
     drop_path_rate=0.1,
-    init_cfg=dict(type='Pretrained', checkpoint='checkpoints/lit_ti.pth'))
+    init_cfg=dict(
+        type='Pretrained',
+        checkpoint='https://github.com/ziplab/LIT/releases/download/v1.0/lit_ti.pth'))
 backbone_channels = [64, 128, 320, 512]
