@@ -18,10 +18,13 @@ from typing import Optional, Sequence
 
 import mmcv
 import numpy as np
+import torch.nn as nn
 from mmengine.config import Config
 from mmengine.registry import VISUALIZERS
+from mmengine.runner.checkpoint import CheckpointLoader
 
 import mmsparsevit.models  # noqa: F401  registers this package's modules
+from mmsparsevit.engine import WeightsMismatchError, match_checkpoint_to_model
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -35,9 +38,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--opacity', type=float, default=0.5,
                         help='opacity of the class colours (segmentation only)')
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda:0')
+    parser.add_argument(
+        '--allow-partial-checkpoint',
+        action='store_true',
+        help='draw even when the checkpoint leaves model weights unloaded (by default that '
+        'stops, naming them)')
     args = parser.parse_args(argv)
-    for flag, path in (('config', args.config), ('checkpoint', args.checkpoint),
-                       ('image', args.image)):
+    files = [('config', args.config), ('image', args.image)]
+    if '://' not in args.checkpoint:
+        files.append(('checkpoint', args.checkpoint))
+    for flag, path in files:
         if not osp.isfile(path):
             parser.error(f'{flag} file {path} does not exist')
     if not args.out.lower().endswith('.png'):
@@ -60,20 +70,44 @@ def read_image(path: str) -> np.ndarray:
     return image
 
 
+def load_weights(model: nn.Module, checkpoint: str, allow_partial: bool = False) -> None:
+    """Load ``checkpoint`` (path or URL, our layout or the LIT authors' mmdet 2.x / mmseg 0.x
+    files) into ``model``, stopping when weights would stay unloaded unless
+    ``allow_partial``; the class names (and palette) stored with it become the model's."""
+    loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+    try:
+        match_checkpoint_to_model(model, loaded, source=checkpoint, allow_partial=allow_partial)
+    except WeightsMismatchError as err:
+        sys.exit(f'error: {err}')
+    own = model.state_dict()
+    model.load_state_dict({key: value for key, value in loaded['state_dict'].items()
+                           if key in own and own[key].shape == value.shape}, strict=False)
+    meta = loaded.get('meta') if isinstance(loaded.get('meta'), dict) else {}
+    if 'dataset_meta' in meta:
+        model.dataset_meta = {key.lower(): value for key, value in meta['dataset_meta'].items()}
+    elif 'CLASSES' in meta:  # mmdet 2.x / mmseg 0.x
+        model.dataset_meta = {'classes': meta['CLASSES']}
+        if meta.get('PALETTE') is not None:
+            model.dataset_meta['palette'] = meta['PALETTE']
+
+
 def predict_and_draw(cfg: Config, checkpoint: str, image: np.ndarray, out_file: str,
-                     score_thr: float, opacity: float, device: str) -> None:
+                     score_thr: float, opacity: float, device: str,
+                     allow_partial: bool = False) -> None:
     """Run the model on ``image`` (BGR) and write the drawing to ``out_file``."""
     scope = cfg.get('default_scope')
     rgb = mmcv.bgr2rgb(image)
     if scope == 'mmdet':
         from mmdet.apis import inference_detector, init_detector
-        model = init_detector(cfg, checkpoint, device=device)
-        prediction = inference_detector(model, image)
+        model = init_detector(cfg, None, device='cpu')
+        load_weights(model, checkpoint, allow_partial)
+        prediction = inference_detector(model.to(device), image)
         draw_args = dict(pred_score_thr=score_thr)
     elif scope == 'mmseg':
         from mmseg.apis import inference_model, init_model
-        model = init_model(cfg, checkpoint, device=device)
-        prediction = inference_model(model, image)
+        model = init_model(cfg, None, device='cpu')
+        load_weights(model, checkpoint, allow_partial)
+        prediction = inference_model(model.to(device), image)
         draw_args = dict(with_labels=False)
         cfg.visualizer.alpha = opacity
     else:
@@ -92,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = Config.fromfile(args.config)
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     predict_and_draw(cfg, args.checkpoint, image, args.out, args.score_thr, args.opacity,
-                     args.device)
+                     args.device, args.allow_partial_checkpoint)
     print(f'wrote {args.out}')
 
 

@@ -1,6 +1,10 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """Evaluate a checkpoint of a detector (mmdet) or a segmentor (mmseg) on the config's test set.
 
+The checkpoint may be a path or a URL of any scheme mmengine knows, in this package's layout or
+as the LIT authors released their mmdet 2.x / mmseg 0.x models (converted on load). It must fit
+the model: weights it leaves unloaded stop the run unless ``--allow-partial-checkpoint``.
+
 Examples:
     python tools/test.py CONFIG CHECKPOINT
     python tools/test.py CONFIG CHECKPOINT --out results.pkl --show-dir vis
@@ -32,6 +36,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         '--show-dir',
         help='draw predictions on the test images into this folder (mmseg writes them under '
         '<show-dir>/vis_data/vis_image)')
+    parser.add_argument(
+        '--allow-partial-checkpoint',
+        action='store_true',
+        help='evaluate even when the checkpoint leaves model weights unloaded (by default '
+        'that stops the run, naming them)')
     add_common_args(parser)
     args = parse_common(parser, argv)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
@@ -44,7 +53,8 @@ def test_config(args: argparse.Namespace) -> Config:
     options applied."""
     if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):
         raise ConfigCheckError(f'checkpoint {args.checkpoint} does not exist')
-    cfg = harden_test_config(load_config(args))
+    cfg = harden_test_config(load_config(args),
+                             allow_partial_checkpoint=args.allow_partial_checkpoint)
     cfg.load_from = args.checkpoint
     if args.show_dir is not None:
         hook = (cfg.get('default_hooks') or {}).get('visualization')

@@ -12,6 +12,7 @@ __all__ = ['harden_train_config', 'harden_test_config']
 
 _ENGINE_MODULE = 'mmsparsevit.engine'
 _HOOKS = ('mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook')
+_WEIGHTS_MATCH = 'mmsparsevit.WeightsMatchHook'
 _SAMPLE_CHECK = 'mmsparsevit.CheckLoadedSample'
 _ANNOTATION_LOADERS = ('LoadAnnotations', 'LoadPanopticAnnotations')
 _IMAGE_LOADERS = ('LoadImageFromFile', )
@@ -58,6 +59,14 @@ def _hook_types(hooks: List) -> List[str]:
     return [str(hook.get('type')).split('.')[-1] for hook in hooks if isinstance(hook, dict)]
 
 
+def _add_hooks(cfg: Config, hooks: List[dict]) -> None:
+    """Append each hook whose type the config's ``custom_hooks`` do not list yet."""
+    custom_hooks = list(cfg.get('custom_hooks') or [])
+    present = _hook_types(custom_hooks)
+    custom_hooks += [hook for hook in hooks if hook['type'].split('.')[-1] not in present]
+    cfg.custom_hooks = custom_hooks
+
+
 def _import_engine(cfg: Config) -> None:
     imports = cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False)
     modules = imports.get('imports', [])
@@ -90,6 +99,9 @@ def harden_train_config(cfg: Config) -> Config:
     - the training annotations are audited before the first iteration (``DataAuditHook``)
       and every loaded sample is checked (``CheckLoadedSample`` after the annotation loader
       of each pipeline);
+    - a checkpoint loaded by ``load_from`` is converted to the model's layout and checked
+      against it; one that fits only partly warns once with the counts (``WeightsMatchHook``
+      with ``allow_partial=True``);
     - ``resume=True`` without ``load_from`` resumes from the newest *readable* checkpoint of
       the work dir (:func:`~mmsparsevit.engine.resume.find_resumable_checkpoint`).
 
@@ -114,10 +126,8 @@ def harden_train_config(cfg: Config) -> Config:
             and '://' not in str(checkpoint_hook.get('out_dir') or '')):
         checkpoint_hook['backend_args'] = dict(backend=ATOMIC_BACKEND)
 
-    custom_hooks = list(cfg.get('custom_hooks') or [])
-    present = _hook_types(custom_hooks)
-    custom_hooks += [dict(type=hook) for hook in _HOOKS if hook.split('.')[-1] not in present]
-    cfg.custom_hooks = custom_hooks
+    _add_hooks(cfg, [dict(type=hook) for hook in _HOOKS] +
+               [dict(type=_WEIGHTS_MATCH, allow_partial=True)])
 
     _add_sample_checks(cfg, ('train', 'val', 'test'))
 
@@ -126,9 +136,13 @@ def harden_train_config(cfg: Config) -> Config:
     return cfg
 
 
-def harden_test_config(cfg: Config) -> Config:
-    """Check every sample ``tools/test.py`` evaluates on (``CheckLoadedSample`` after the
-    annotation loader of the test pipelines), as training runs do.
+def harden_test_config(cfg: Config, allow_partial_checkpoint: bool = False) -> Config:
+    """Check the checkpoint ``tools/test.py`` evaluates and every sample it evaluates on.
+
+    The checkpoint is converted to the model's layout and must fit it (``WeightsMatchHook``):
+    weights that would stay unloaded stop the run, unless ``allow_partial_checkpoint``. Every
+    sample is checked (``CheckLoadedSample`` after the annotation loader of the test
+    pipelines), as training runs do.
 
     A sample that fails stops the evaluation with the file named instead of scoring wrong
     boxes (an image of another size than its annotation records) or a wrong mIoU (labels
@@ -137,10 +151,13 @@ def harden_test_config(cfg: Config) -> Config:
 
     Args:
         cfg (Config): A merged test config; changed in place.
+        allow_partial_checkpoint (bool): Warn instead of stopping when the checkpoint leaves
+            model weights unloaded. Defaults to False.
 
     Returns:
         Config: ``cfg``.
     """
     _import_engine(cfg)
+    _add_hooks(cfg, [dict(type=_WEIGHTS_MATCH, allow_partial=allow_partial_checkpoint)])
     _add_sample_checks(cfg, ('test', ))
     return cfg

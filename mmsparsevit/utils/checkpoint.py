@@ -177,7 +177,7 @@ def _load_named(prefix: str, name: str, urls: Dict[str, str], map_location: MapL
         return load_from_http(location, map_location)
     # open-mmlab:// names may point to a file under MMENGINE_HOME.
     return load_from_local(osp.join(mmengine_checkpoint._get_mmengine_home(), location),
-                                 map_location)
+                           map_location)
 
 
 def load_from_torchvision(filename: str, map_location: MapLocation = None) -> Any:
@@ -218,7 +218,7 @@ def load_from_pavi(filename: str, map_location: MapLocation = None) -> Any:
 
 
 def load_from_ceph(filename: str, map_location: MapLocation = None,
-                         backend: str = 'petrel') -> Any:
+                   backend: str = 'petrel') -> Any:
     """``s3://`` / ``petrel://`` (optionally ``NAME:s3://``) through mmengine's file
     backend."""
     file_backend = mmengine_checkpoint.get_file_backend(filename,

@@ -135,8 +135,8 @@ def test_sha256_in_fragment_or_name_is_checked(checkpoint_server, weights):
 
 
 def test_sha256_fragment_must_be_a_whole_digest():
-    assert split_sha256('https://x.org/a-1234abcd.pth') == ('https://x.org/a-1234abcd.pth',
-                                                             '1234abcd')
+    url = 'https://x.org/a-1234abcd.pth'
+    assert split_sha256(url) == (url, '1234abcd')
     assert split_sha256('https://x.org/swin_tiny_patch4_window7_224.pth')[1] is None
     with pytest.raises(ValueError, match='64 hex digits'):
         split_sha256('https://x.org/a.pth#sha256=abc')
@@ -148,7 +148,8 @@ def test_unanswered_download_gives_up_naming_the_url(tmp_path, monkeypatch):
         listener.bind(('127.0.0.1', 0))
         listener.listen(1)
         url = f'http://127.0.0.1:{listener.getsockname()[1]}/slow.pth'
-        with pytest.raises(CheckpointDownloadError, match=f'could not download {url}: .*timed out'):
+        with pytest.raises(CheckpointDownloadError,
+                           match=f'could not download {url}: .*timed out'):
             cached_download(url, timeout=0.5)
 
 

@@ -1,4 +1,5 @@
 from .data_audit_hook import DataAuditHook
 from .non_finite_loss_hook import NonFiniteLossError, NonFiniteLossHook
+from .weights_match_hook import WeightsMatchHook
 
-__all__ = ['DataAuditHook', 'NonFiniteLossError', 'NonFiniteLossHook']
+__all__ = ['DataAuditHook', 'NonFiniteLossError', 'NonFiniteLossHook', 'WeightsMatchHook']
