@@ -1,7 +1,7 @@
 # The README's commands. Each works on a fresh machine by itself: it creates or updates .venv first.
 PYTHON := .venv/bin/python
 
-.PHONY: install test test-fast demo demo-seg
+.PHONY: install test test-fast demo demo-seg lock
 
 install:
 	bash tools/setup_env.sh
@@ -17,3 +17,11 @@ demo: install
 
 demo-seg: install
 	$(PYTHON) tools/run_demo.py seg
+
+# Re-resolve the newest versions the requirements allow in a scratch environment and pin them in
+# requirements/constraints.txt; then run `make test` and commit the file if it passes.
+lock:
+	rm -rf .venv-lock
+	CONSTRAINTS=none VENV=$(CURDIR)/.venv-lock bash tools/setup_env.sh
+	bash tools/freeze_env.sh .venv-lock > requirements/constraints.txt
+	rm -rf .venv-lock

@@ -13,9 +13,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3.11}"
-TORCH_VERSION="${TORCH_VERSION:-2.12.1}"
-TORCHVISION_VERSION="${TORCHVISION_VERSION:-0.27.1}"
-MMCV_VERSION="2.1.0"
+# Every package is installed at the version CI tested (requirements/constraints.txt);
+# CONSTRAINTS=none resolves the newest allowed versions instead (what `make lock` does).
+CONSTRAINTS="${CONSTRAINTS:-$ROOT/requirements/constraints.txt}"
+pinned() { sed -n "s/^$1==//p" "$ROOT/requirements/constraints.txt"; }
+TORCH_VERSION="${TORCH_VERSION:-$(pinned torch)}"
+TORCHVISION_VERSION="${TORCHVISION_VERSION:-$(pinned torchvision)}"
+MMCV_VERSION="$(pinned mmcv)"
 CACHE_ROOT="${MMSPARSEVIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmsparsevit}"
 
 step() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -28,6 +32,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
+if [ "$CONSTRAINTS" != none ]; then
+    export PIP_CONSTRAINT="$CONSTRAINTS"  # pip's --constraint, for every install and wheel
+fi
 
 step "build tools"
 "${PIP[@]}" install -q --upgrade pip 'setuptools<70' wheel ninja
@@ -62,7 +69,7 @@ else
     wheel_dir="$CACHE_ROOT/wheels/mmcv-$MMCV_VERSION-$py_tag-torch$TORCH_VERSION-$flavour"
     wheel=$(ls "$wheel_dir"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
     if [ -z "$wheel" ]; then
-        step "compiling mmcv $MMCV_VERSION with ops for $flavour (about 8 minutes on 2 cores; cached in $wheel_dir)"
+        step "compiling mmcv $MMCV_VERSION with ops for $flavour (about 15 minutes on 2 cores; cached in $wheel_dir)"
         mkdir -p "$wheel_dir"
         build_dir=$(mktemp -d)
         MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${PIP[@]}" wheel --no-build-isolation --no-deps \
