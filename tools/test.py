@@ -8,13 +8,14 @@ the model: weights it leaves unloaded stop the run unless ``--allow-partial-chec
 Examples:
     python tools/test.py CONFIG CHECKPOINT
     python tools/test.py CONFIG CHECKPOINT --out results.pkl --show-dir vis
+    python tools/test.py CONFIG CHECKPOINT --tta
 """
 import argparse
 import inspect
 import os.path as osp
 from typing import Dict, Optional, Sequence
 
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 from mmengine.registry import HOOKS, METRICS
 
 import mmsparsevit.models  # noqa: F401  registers this package's modules
@@ -37,6 +38,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help='draw predictions on the test images into this folder (mmseg writes them under '
         '<show-dir>/vis_data/vis_image)')
     parser.add_argument(
+        '--tta',
+        action='store_true',
+        help="test-time augmentation with the config's tta_model and tta_pipeline (the "
+        'RetinaNet configs: flip; the segmentation configs: scales 0.5-1.75 and flip)')
+    parser.add_argument(
         '--allow-partial-checkpoint',
         action='store_true',
         help='evaluate even when the checkpoint leaves model weights unloaded (by default '
@@ -53,8 +59,10 @@ def test_config(args: argparse.Namespace) -> Config:
     options applied."""
     if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):
         raise ConfigCheckError(f'checkpoint {args.checkpoint} does not exist')
-    cfg = harden_test_config(load_config(args),
-                             allow_partial_checkpoint=args.allow_partial_checkpoint)
+    cfg = load_config(args)
+    if args.tta:
+        cfg = with_test_time_augmentation(cfg)
+    cfg = harden_test_config(cfg, allow_partial_checkpoint=args.allow_partial_checkpoint)
     cfg.load_from = args.checkpoint
     if args.show_dir is not None:
         hook = (cfg.get('default_hooks') or {}).get('visualization')
@@ -70,6 +78,28 @@ def test_config(args: argparse.Namespace) -> Config:
         else:
             hook.interval = 1
             cfg.visualizer.save_dir = show_dir
+    return cfg
+
+
+def with_test_time_augmentation(cfg: Config) -> Config:
+    """Wrap the model in the config's ``tta_model`` and test on its ``tta_pipeline``, as
+    mmdet's and mmseg's own test tools do, but without inventing settings a config lacks."""
+    roi_head = cfg.model.get('roi_head') or {}
+    if cfg.get('default_scope') == 'mmdet' and roi_head.get('mask_head') is not None:
+        raise ConfigCheckError(
+            '--tta: mmdet 3.3\'s DetTTAModel merges boxes only and refuses instance masks, so '
+            'a Mask R-CNN (roi_head.mask_head) cannot be tested with TTA; test without --tta')
+    missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
+    if missing:
+        raise ConfigCheckError(
+            f'--tta: the config sets no {" and no ".join(missing)}; add them (see '
+            'configs/_base_/tta/coco_detection_flip.py, or mmseg\'s ADE20K dataset config) or '
+            'test without --tta')
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    dataset = cfg.test_dataloader.dataset
+    while 'dataset' in dataset:
+        dataset = dataset['dataset']
+    dataset.pipeline = cfg.tta_pipeline
     return cfg
 
 

@@ -2,7 +2,9 @@
 # none on position tables and norms), steps at epochs 8 and 11, single-scale 1333x800.
 # Stage 1 is not emitted: RetinaNet's FPN starts at stride 8, and an unused output norm
 # would leave parameters without gradients under DDP.
-_base_ = 'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py'
+_base_ = [
+    'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py', '../_base_/tta/coco_detection_flip.py'
+]
 
 model = dict(
     backbone=dict(

@@ -56,6 +56,10 @@ def match_checkpoint_to_model(model: nn.Module,
                   '; '.join(f'{key}: {note}' for key, note in notes.items()),
                   logger='current', level=logging.INFO)
     match = match_state_dict(model.state_dict(), state_dict)
+    # BatchNorm's step counter is not a weight; files of old PyTorch versions lack it (mmengine
+    # does not report it missing either).
+    match = match._replace(missing=[key for key in match.missing
+                                    if not key.endswith('.num_batches_tracked')])
     unloaded = len(match.missing) + len(match.mismatched)
     if unloaded and not allow_partial:
         raise WeightsMismatchError(

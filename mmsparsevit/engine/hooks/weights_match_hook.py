@@ -1,6 +1,6 @@
 """Check a checkpoint against the model when ``load_from`` or ``--resume`` loads it."""
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
+from mmengine.model import BaseTTAModel, is_model_wrapper
 
 from ..weights_match import match_checkpoint_to_model
 from ...registry import HOOKS
@@ -28,7 +28,10 @@ class WeightsMatchHook(Hook):
         self.allow_partial = allow_partial
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = runner.model
+        # What mmengine's load_state_dict loads into: inside DDP and test-time-aug wrappers.
+        while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+            model = model.module
         source = runner.cfg.get('load_from') or 'the checkpoint'
         match_checkpoint_to_model(model, checkpoint, source=str(source),
                                   allow_partial=self.allow_partial)
