@@ -1,16 +1,19 @@
-"""KVT wrapper: same parameters/keys as the inner backbone, plain outputs at full k, exact
-k-NN semantics inside each converted attention module, init_cfg, bad input."""
+"""KVT: conversion keeps the inner backbone's parameter objects and keys, plain outputs at
+full k, exact k-NN semantics inside each replacement module, init_cfg, bad input."""
 import copy
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import ConfigDict
 
-from mmsparsevit.models.backbones.kvt import (KNNLITAttention, KNNMultiheadAttention,
-                                              convert_to_knn_attention)
+from mmsparsevit.models.backbones.kvt import SUPPORTED_BACKBONES, convert_to_knn_attention
 from mmsparsevit.models.layers.knn_attention import resolve_topk
+from mmsparsevit.models.layers.knn_attention_modules import (KNNLITAttention,
+                                                             KNNMultiheadAttention, KNNWindowMSA)
 from mmsparsevit.registry import MODELS
 from test_knn_attention import reference_knn_attention  # sibling test module
 
@@ -39,6 +42,7 @@ BACKBONES = {
 # Converted attention modules expected per backbone (Swin: one per block).
 NUM_ATTENTIONS = {name: 5 if 'Swin' in name else 2 if 'LIT' in name else 4
                   for name in BACKBONES}
+KNN_CLASSES = (KNNWindowMSA, KNNMultiheadAttention, KNNLITAttention)
 
 
 def build_pair(name, topk, seed=0):
@@ -61,8 +65,7 @@ def build_pair(name, topk, seed=0):
 
 
 def knn_modules(model):
-    return [m for m in model.modules()
-            if hasattr(m, 'knn_topk') and type(m).__name__.startswith('KNN')]
+    return [m for m in model.modules() if isinstance(m, KNN_CLASSES)]
 
 
 @pytest.mark.parametrize('name', sorted(BACKBONES))
@@ -79,6 +82,36 @@ def test_same_parameters_and_state_dict_keys(name):
         sum(p.numel() for p in plain.parameters())
     assert len(knn_modules(wrapped)) == NUM_ATTENTIONS[name]
     assert not knn_modules(plain)
+
+
+def qualified_names(model):
+    return {f'{type(m).__module__}.{type(m).__qualname__}' for m in model.modules()}
+
+
+@pytest.mark.parametrize('name', sorted(BACKBONES))
+def test_conversion_replaces_modules_and_keeps_the_same_tensors(name):
+    torch.manual_seed(0)
+    model = MODELS.build(copy.deepcopy(BACKBONES[name]))
+    model.eval()
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    keys = list(model.state_dict())
+    # Built before the conversion: it must still optimise the converted model's tensors.
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    replaced = SUPPORTED_BACKBONES[f'{type(model).__module__}.{type(model).__qualname__}']
+    assert replaced.attention in qualified_names(model)
+
+    assert convert_to_knn_attention(model, topk=0.5) is model
+    assert replaced.attention not in qualified_names(model)
+    assert len(knn_modules(model)) == NUM_ATTENTIONS[name]
+    assert list(model.state_dict()) == keys
+    assert list(dict(model.named_parameters())) == list(params)
+    assert all(param is params[key] for key, param in model.named_parameters())
+    assert all(buffer is buffers[key] for key, buffer in model.named_buffers())
+    # Converted in eval mode, the replacements are in eval mode too (no attention dropout).
+    assert not any(m.training for m in knn_modules(model))
+    optimized = [param for group in optimizer.param_groups for param in group['params']]
+    assert len(optimized) == len(params)
+    assert all(a is b for a, b in zip(optimized, model.parameters()))
 
 
 @pytest.mark.parametrize('name', sorted(BACKBONES))
@@ -115,7 +148,7 @@ def reference_topk_attention(query, key, value, topk, scale, bias=None, allowed=
 def test_window_attention_semantics_with_shift_mask(toolbox):
     _, model = build_pair(f'{toolbox}.SwinTransformer', topk=10)
     attn = model.stages[0].blocks[1].attn.w_msa
-    assert type(attn).__name__ == f'KNNWindowMSA_{toolbox}'
+    assert type(attn) is KNNWindowMSA
     torch.manual_seed(1)
     num_windows, batch, tokens, channels = 4, 2, 49, 32
     x = torch.randn(num_windows * batch, tokens, channels)
@@ -186,6 +219,21 @@ def test_per_stage_topk_and_training_backward():
         assert table.grad is not None and table.grad.abs().sum() > 0
 
 
+def test_frozen_stages_stay_frozen():
+    model = MODELS.build(dict(type='mmsparsevit.KVT', topk=0.5, backbone=dict(
+        BACKBONES['mmdet.SwinTransformer'], frozen_stages=1)))
+    model.train()
+    assert not any(p.requires_grad for p in model.stages[0].parameters())
+    assert all(p.requires_grad for p in model.stages[1].parameters())
+    assert [m.training for m in knn_modules(model)] == [False, False, True, True, True]
+
+
+def test_importing_mmsparsevit_does_not_import_the_toolboxes():
+    code = ('import sys, mmsparsevit.models; '
+            'assert not {"mmdet", "mmseg"} & set(sys.modules), sorted(sys.modules)')
+    subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
+
+
 def test_init_cfg_of_inner_backbone_loads_checkpoint(tmp_path):
     torch.manual_seed(0)
     source = MODELS.build(copy.deepcopy(BACKBONES['mmdet.SwinTransformer']))
@@ -238,8 +286,9 @@ def test_bad_topk(topk, error, match):
 
 
 def test_unsupported_backbone_lists_supported_ones():
-    with pytest.raises(TypeError, match='mmdet.ResNet.*supported: mmdet.SwinTransformer'):
+    with pytest.raises(TypeError, match='mmdet.ResNet.*supported: mmdet.SwinTransformer') as error:
         build_kvt(0.5, dict(type='mmdet.ResNet', depth=18))
+    assert all(supported in str(error.value) for supported in BACKBONES)
     with pytest.raises(KeyError, match='not registered'):
         build_kvt(0.5, dict(type='mmdet.NoSuchBackbone'))
     with pytest.raises(TypeError, match='KVT does not support the backbone'):

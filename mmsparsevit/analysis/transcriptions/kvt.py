@@ -3,7 +3,7 @@
 The authors select each query's top-k keys with ``torch.topk``, ``scatter_`` the indices
 into a dense N x N float mask and replace the unselected logits with ``-inf`` before the
 softmax (:func:`mask_scatter_knn_attention`). :func:`plain_knn_backbone` gives a backbone
-built by :class:`mmsparsevit.models.KVT` that formulation in every attention module, with
+built by ``type='mmsparsevit.KVT'`` that formulation in every k-NN attention module, with
 the modules' own projections, scale, relative-position bias and shifted-window mask, so that
 the two compute the same function with different kernels.
 """
@@ -76,8 +76,9 @@ def plain_knn_backbone(model: nn.Module) -> nn.Module:
     """Give every k-NN attention module of a KVT backbone the mask-and-scatter formulation.
 
     Args:
-        model (nn.Module): A backbone returned by ``KVT`` with an mmdet/mmseg Swin
-            (``WindowMSA``) or PVT/PVTv2/MiT (``nn.MultiheadAttention``) inside.
+        model (nn.Module): A backbone built by ``type='mmsparsevit.KVT'`` from an
+            mmdet/mmseg Swin (``KNNWindowMSA`` modules) or a PVT/PVTv2/MiT
+            (``KNNMultiheadAttention`` modules).
 
     Returns:
         nn.Module: ``model``, changed in place (instance-level ``forward``).

@@ -1,5 +1,5 @@
-from .kvt import KVT
+from .kvt import build_kvt, convert_to_knn_attention
 from .lit import LIT
 from .vvt import VVT
 
-__all__ = ['KVT', 'LIT', 'VVT']
+__all__ = ['LIT', 'VVT', 'build_kvt', 'convert_to_knn_attention']
