@@ -18,13 +18,11 @@ from typing import Optional, Sequence
 
 import mmcv
 import numpy as np
-import torch.nn as nn
 from mmengine.config import Config
 from mmengine.registry import VISUALIZERS
-from mmengine.runner.checkpoint import CheckpointLoader
 
 import mmsparsevit.models  # noqa: F401  registers this package's modules
-from mmsparsevit.engine import WeightsMismatchError, match_checkpoint_to_model
+from mmsparsevit.apis.inference import init_model
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -70,27 +68,6 @@ def read_image(path: str) -> np.ndarray:
     return image
 
 
-def load_weights(model: nn.Module, checkpoint: str, allow_partial: bool = False) -> None:
-    """Load ``checkpoint`` (path or URL, our layout or the LIT authors' mmdet 2.x / mmseg 0.x
-    files) into ``model``, stopping when weights would stay unloaded unless
-    ``allow_partial``; the class names (and palette) stored with it become the model's."""
-    loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    try:
-        match_checkpoint_to_model(model, loaded, source=checkpoint, allow_partial=allow_partial)
-    except WeightsMismatchError as err:
-        sys.exit(f'error: {err}')
-    own = model.state_dict()
-    model.load_state_dict({key: value for key, value in loaded['state_dict'].items()
-                           if key in own and own[key].shape == value.shape}, strict=False)
-    meta = loaded.get('meta') if isinstance(loaded.get('meta'), dict) else {}
-    if 'dataset_meta' in meta:
-        model.dataset_meta = {key.lower(): value for key, value in meta['dataset_meta'].items()}
-    elif 'CLASSES' in meta:  # mmdet 2.x / mmseg 0.x
-        model.dataset_meta = {'classes': meta['CLASSES']}
-        if meta.get('PALETTE') is not None:
-            model.dataset_meta['palette'] = meta['PALETTE']
-
-
 def predict_and_draw(cfg: Config, checkpoint: str, image: np.ndarray, out_file: str,
                      score_thr: float, opacity: float, device: str,
                      allow_partial: bool = False) -> None:
@@ -98,16 +75,14 @@ def predict_and_draw(cfg: Config, checkpoint: str, image: np.ndarray, out_file: 
     scope = cfg.get('default_scope')
     rgb = mmcv.bgr2rgb(image)
     if scope == 'mmdet':
-        from mmdet.apis import inference_detector, init_detector
-        model = init_detector(cfg, None, device='cpu')
-        load_weights(model, checkpoint, allow_partial)
-        prediction = inference_detector(model.to(device), image)
+        from mmdet.apis import inference_detector
+        model = init_model(cfg, checkpoint, device, allow_partial)
+        prediction = inference_detector(model, image)
         draw_args = dict(pred_score_thr=score_thr)
     elif scope == 'mmseg':
-        from mmseg.apis import inference_model, init_model
-        model = init_model(cfg, None, device='cpu')
-        load_weights(model, checkpoint, allow_partial)
-        prediction = inference_model(model.to(device), image)
+        from mmseg.apis import inference_model
+        model = init_model(cfg, checkpoint, device, allow_partial)
+        prediction = inference_model(model, image)
         draw_args = dict(with_labels=False)
         cfg.visualizer.alpha = opacity
     else:

@@ -3,8 +3,10 @@
 
 Each step runs the same command a user would type (printed before it runs):
 ``make_demo_data.py``, ``train.py``, ``test.py`` on the held-out split and
-``inference.py`` on a held-out image. The job ends by printing the metric and
-fails (exit code 1) if the model has not learned (metric below ``--expect``).
+``analysis_tools/visualize_results.py`` (a gallery of held-out predictions beside their
+ground truth, and the training curve). The job ends by printing the metric and where the
+pictures are, and fails (exit code 1) if the model has not learned (metric below
+``--expect``).
 
 Examples:
     python tools/run_demo.py det      # detection: bbox mAP (COCO metric)
@@ -22,21 +24,19 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
-# task -> config, dataset, metric key, metric scale (1 = fraction), held-out image, bar.
+# task -> config, dataset, metric key, metric scale (1 = fraction), bar.
 TASKS = dict(
     det=dict(
         config='configs/demo/retinanet_vvt-demo_fpn_shapes-coco.py',
         dataset='coco',
         metric='coco/bbox_mAP',
         scale=1.0,
-        image='data/demo/coco/val/000001.jpg',
         expect=0.3),
     seg=dict(
         config='configs/demo/fpn_vvt-demo_shapes-ade20k.py',
         dataset='ade',
         metric='mIoU',
         scale=100.0,
-        image='data/demo/ade/images/validation/000000.jpg',
         expect=0.6))
 
 
@@ -81,13 +81,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         checkpoint = f.read().strip()
     test_dir = osp.join(work_dir, 'test')
     run([python, 'tools/test.py', task['config'], checkpoint, '--work-dir', test_dir, *options])
-    picture = osp.join(work_dir, f'prediction_{osp.splitext(osp.basename(task["image"]))[0]}.png')
-    run([python, 'tools/inference.py', task['config'], checkpoint, task['image'], '--out',
-         picture])
+    pictures = osp.join(work_dir, 'pictures')
+    run([python, 'tools/analysis_tools/visualize_results.py', task['config'], checkpoint,
+         '--work-dir', work_dir, '--out-dir', pictures, *options])
     score = read_test_metrics(osp.join(ROOT, test_dir))[task['metric']] / task['scale']
     print(f'\n{args.task} demo: {task["metric"]} = {score:.3f} on the held-out split '
           f'(training {trained - started:.0f} s including data generation, '
-          f'total {time.time() - started:.0f} s)\nprediction drawn in {picture}')
+          f'total {time.time() - started:.0f} s)\n'
+          f'pictures: {osp.join(pictures, "gallery.png")} (8 held-out images, ground truth | '
+          f'prediction) and {osp.join(pictures, "training_curve.png")}')
     if score < expect:
         sys.exit(f'error: {task["metric"]} {score:.3f} is below the expected {expect}')
 
