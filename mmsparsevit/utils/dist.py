@@ -17,6 +17,7 @@ Backend resolution (``env_cfg.dist_cfg.backend``):
   ``--cfg-options env_cfg.dist_cfg.backend=gloo`` on a GPU node.
 """
 import datetime
+import gc
 import logging
 import os
 import subprocess
@@ -202,11 +203,16 @@ def setup_distributed(cfg: Config, launcher: str) -> None:
 
 
 def release_distributed() -> None:
-    """Destroy the default process group, if one was initialised.
+    """Free what holds the process group, then destroy it, if one was initialised.
 
-    Left to the interpreter's exit, the process group's threads (gloo's in particular) can be
-    torn down in an order that aborts a rank which has finished its work ("terminate called
-    without an active exception"), and Slurm then cancels the job's other tasks.
+    When a tool returns, its finished runner is still alive in a reference cycle, and with it
+    the DDP wrapper whose reducer holds the process group. ``destroy_process_group`` only takes
+    the group out of c10d's tables; the group itself (gloo's worker threads and their pending
+    work, which holds tensors) would then be freed whenever the cyclic garbage collector next
+    runs, possibly during interpreter finalisation, where that teardown aborts a rank that
+    has finished its work ("terminate called without an active exception") and Slurm cancels
+    the job's other tasks. Collecting first frees the wrapper while the interpreter is whole.
     """
     if torch_dist.is_available() and torch_dist.is_initialized():
+        gc.collect()
         torch_dist.destroy_process_group()

@@ -136,3 +136,41 @@ def test_tool_entry_point_destroys_the_process_group_it_ran_in(single_rank_env):
     with pytest.raises(RuntimeError, match='not an input error'):
         run_reporting_input_errors(failing_job)
     assert not torch_dist.is_initialized()
+
+
+_CYCLE_SCRIPT = '''
+import gc, os, weakref
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from mmsparsevit.utils.dist import release_distributed
+os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['TEST_PORT'])
+dist.init_process_group('gloo', rank=0, world_size=1)
+gc.disable()  # only an explicit collection may free the cycle, as between GC generations
+
+class Runner:  # a finished runner in a reference cycle, holding its DDP-wrapped model
+    pass
+
+runner = Runner()
+runner.self = runner
+runner.model = DistributedDataParallel(torch.nn.Linear(2, 2))
+runner.model(torch.ones(1, 2)).sum().backward()
+wrapper = weakref.ref(runner.model)
+del runner
+release_distributed()
+print('freed' if wrapper() is None else 'alive', dist.is_initialized())
+'''
+
+
+def test_release_frees_the_ddp_wrapper_of_a_finished_runner_before_the_exit(tmp_path):
+    """The cause of 'terminate called without an active exception' at a rank's exit: the
+    process group outlived destroy_process_group inside a DDP wrapper held by a cycle."""
+    import subprocess
+    import sys
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, '-c', _CYCLE_SCRIPT], capture_output=True,
+                            text=True, timeout=120, env={**__import__('os').environ,
+                                                         'TEST_PORT': str(port)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ['freed', 'False']
