@@ -25,15 +25,10 @@ from mmsparsevit.registry import MODELS
 from ..layers.dtm import DeformableTokenMerging
 from ..layers.lit_attention import LITAttention
 from ..layers.lit_blocks import LITAttentionBlock, LITMLPBlock
+from ..layers.shape_convert import nchw_to_nlc, nlc_to_nchw
 
 _ARCH_KEYS = frozenset({'embed_dims', 'depths', 'num_heads', 'mlp_ratios'})
 _OPTIONAL_ARCH_KEYS = frozenset({'position_encoding', 'norm_eps', 'out_norms'})
-
-
-def nlc_to_nchw(x: torch.Tensor, hw_shape: Sequence[int]) -> torch.Tensor:
-    """Tokens (B, H*W, C) in row-major order -> map (B, C, H, W)."""
-    height, width = hw_shape
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
 
 
 class LITStage(BaseModule):
@@ -108,7 +103,7 @@ class LITStage(BaseModule):
         pos_embed = self.pos_embed
         if tuple(pos_embed.shape[2:]) != tuple(hw_shape):
             pos_embed = F.interpolate(pos_embed, size=hw_shape, mode='bilinear')
-        return pos_embed.flatten(2).transpose(1, 2)
+        return nchw_to_nlc(pos_embed)
 
     def forward(self, x: torch.Tensor,
                 hw_shape: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -116,7 +111,7 @@ class LITStage(BaseModule):
         if self.downsample is not None:
             merged = self.downsample(nlc_to_nchw(x, hw_shape))
             hw_shape = tuple(merged.shape[2:])
-            x = merged.flatten(2).transpose(1, 2)
+            x = nchw_to_nlc(merged)
         if self.pos_embed is not None:
             x = self.drop_after_pos(x + self.resized_pos_embed(hw_shape))
         for block in self.blocks:
@@ -427,9 +422,9 @@ class LIT(BaseModule):
                 if side * side != value.shape[0]:
                     raise ValueError(f'{key}: cannot resize a non-square table of '
                                      f'{value.shape[0]} entries')
-                grid = value.float().transpose(0, 1).reshape(1, -1, side, side)
+                grid = nlc_to_nchw(value.float()[None], (side, side))
                 grid = F.interpolate(grid, size=(2 * ref_h - 1, 2 * ref_w - 1), mode='bicubic')
-                result[key] = grid.reshape(value.shape[1], -1).transpose(0, 1).to(value.dtype)
+                result[key] = nchw_to_nlc(grid)[0].to(value.dtype)
             else:
                 continue
             resized.append(f'{key} {tuple(value.shape)}->{tuple(target)}')
@@ -611,4 +606,4 @@ def _pos_embed_to_grid(key: str, value: torch.Tensor) -> Tuple[torch.Tensor, boo
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
         raise ValueError(f'{key}: {value.shape[1]} positions do not form a square grid')
-    return value.transpose(1, 2).reshape(1, value.shape[2], side, side), dropped_row
+    return nlc_to_nchw(value, (side, side)), dropped_row

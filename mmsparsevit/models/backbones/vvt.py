@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmsparsevit.registry import MODELS
+from ..layers.shape_convert import nlc_to_nchw
 from ..layers.vicinity_attention import VicinityAttention
 
 
@@ -155,8 +156,7 @@ class VVTStage(BaseModule):
         x, hw_shape = self.patch_embed(x)
         for block in self.blocks:
             x = block(x, hw_shape)
-        x = self.norm(x)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape).contiguous()
+        return nlc_to_nchw(self.norm(x), hw_shape).contiguous()
 
 
 @MODELS.register_module()
