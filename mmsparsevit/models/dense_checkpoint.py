@@ -75,21 +75,9 @@ def _convert_lit_backbone(
     return OrderedDict(adapted), notes
 
 
-def _convert_vvt_backbone(
-        backbone: VVT,
-        state_dict: Mapping[str, Tensor]) -> Tuple['OrderedDict[str, Tensor]', Dict[str, str]]:
-    # convert_vvt_checkpoint drops the classifier without saying so; say it here.
-    notes = {key: 'classification head' for key in state_dict if key.startswith('head.')}
-    try:
-        converted = convert_vvt_checkpoint(state_dict)
-    except KeyError as error:
-        raise ValueError(error.args[0] if error.args else str(error)) from error
-    return converted, notes
-
-
 _BACKBONE_CONVERTERS: Tuple[Tuple[type, BackboneConverter], ...] = (
     (LIT, _convert_lit_backbone),
-    (VVT, _convert_vvt_backbone),
+    (VVT, lambda backbone, state_dict: convert_vvt_checkpoint(state_dict)),
 )
 
 

@@ -47,8 +47,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     checkpoint = CheckpointLoader.load_checkpoint(args.src, map_location='cpu')
     try:
-        state_dict = convert_vvt_checkpoint(checkpoint)
-    except (KeyError, TypeError) as error:
+        state_dict, dropped = convert_vvt_checkpoint(checkpoint)
+    except (TypeError, ValueError) as error:
         raise SystemExit(f'{args.src}: {error}') from error
     depths = _stage_depths(state_dict)
     arch = args.arch or next(
@@ -67,6 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                args.dst)
     print(f'{args.src} -> {args.dst}: {len(state_dict)} tensors, VVT-{arch} '
           f'({sum(v.numel() for v in state_dict.values()):,} parameters)')
+    for key, reason in dropped.items():
+        print(f'  not carried over: {key} ({reason})')
 
 
 if __name__ == '__main__':

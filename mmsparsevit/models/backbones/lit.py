@@ -8,7 +8,7 @@ https://github.com/zhuang-group/LIT (classification models and the mmdet/mmseg b
 import math
 import re
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmsparsevit.registry import MODELS
+from mmsparsevit.utils.state_dict import strip_prefix, unwrap_state_dict
 from ..layers.dtm import DeformableTokenMerging
 from ..layers.lit_attention import LITAttention
 from ..layers.lit_blocks import LITAttentionBlock, LITMLPBlock
@@ -357,8 +358,7 @@ class LIT(BaseModule):
         checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu',
                                                       logger=logger)
         if prefix:
-            raw = lit_state_dict_from_checkpoint(checkpoint)
-            checkpoint = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+            checkpoint = strip_prefix(unwrap_state_dict(checkpoint), prefix)
             if not checkpoint:
                 raise ValueError(f'{filename}: no key starts with prefix {prefix!r}')
         try:
@@ -471,17 +471,6 @@ _CLASSIFIER_ONLY = {
 }
 
 
-def lit_state_dict_from_checkpoint(checkpoint: dict) -> Dict[str, torch.Tensor]:
-    """Unwrap ``state_dict``/``model`` and strip ``module.`` from a loaded checkpoint."""
-    state_dict = checkpoint
-    for wrapper in ('state_dict', 'model'):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
-    return OrderedDict((key[len('module.'):] if key.startswith('module.') else key, value)
-                       for key, value in state_dict.items())
-
-
 def _match_rules(rules, suffix: str) -> Optional[str]:
     for pattern, replacement in rules:
         match = re.fullmatch(pattern, suffix)
@@ -491,7 +480,7 @@ def _match_rules(rules, suffix: str) -> Optional[str]:
 
 
 def convert_lit_checkpoint(
-        checkpoint: dict) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+        checkpoint: Mapping) -> Tuple['OrderedDict[str, torch.Tensor]', Dict[str, str]]:
     """Convert an official LIT checkpoint to mmsparsevit's ``LIT`` layout.
 
     Accepts the ImageNet releases (``lit_ti.pth``: PVT-style keys ``patch_embed1..4``,
@@ -502,7 +491,8 @@ def convert_lit_checkpoint(
     :meth:`LIT.adapt_position_params`.
 
     Args:
-        checkpoint (dict): A loaded checkpoint or state dict.
+        checkpoint (Mapping): A loaded checkpoint or state dict (under ``state_dict`` or
+            ``model``; a ``module.`` prefix is removed).
 
     Returns:
         tuple[dict, dict]: The converted state dict, and the official keys not carried over
@@ -511,10 +501,11 @@ def convert_lit_checkpoint(
         are recomputed or unused).
 
     Raises:
+        TypeError: If ``checkpoint`` is not a mapping.
         ValueError: If the checkpoint is not a LIT checkpoint or has keys no rule explains
             (they are named).
     """
-    state_dict = lit_state_dict_from_checkpoint(checkpoint)
+    state_dict = unwrap_state_dict(checkpoint)
     if any(key.startswith('backbone.') for key in state_dict):
         state_dict = OrderedDict((key[len('backbone.'):], value)
                                  for key, value in state_dict.items()

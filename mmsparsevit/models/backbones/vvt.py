@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmsparsevit.registry import MODELS
+from mmsparsevit.utils.state_dict import strip_prefix, unwrap_state_dict
 from ..layers.shape_convert import nlc_to_nchw
 from ..layers.vicinity_attention import VicinityAttention
 
@@ -384,15 +385,10 @@ class VVT(BaseModule):
         logger = MMLogger.get_current_instance()
         checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu', logger=logger)
         if prefix:
-            state_dict = _unwrap_state_dict(checkpoint)
-            state_dict = {
-                key[len(prefix):]: value
-                for key, value in state_dict.items() if key.startswith(prefix)
-            }
-            if not state_dict:
+            checkpoint = strip_prefix(unwrap_state_dict(checkpoint), prefix)
+            if not checkpoint:
                 raise KeyError(f'{filename}: no key starts with prefix {prefix!r}')
-            checkpoint = state_dict
-        state_dict = convert_vvt_checkpoint(checkpoint)
+        state_dict, _ = convert_vvt_checkpoint(checkpoint)
         check_vvt_state_dict(self, state_dict, source=filename)
         self.load_state_dict(state_dict, strict=True)
         logger.info(f'VVT: loaded {len(state_dict)} tensors from {filename}')
@@ -440,40 +436,32 @@ _OFFICIAL_KEY_RULES = (
 )
 
 
-def _unwrap_state_dict(checkpoint: Mapping) -> Mapping[str, Tensor]:
-    if not isinstance(checkpoint, Mapping):
-        raise TypeError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}')
-    for wrapper in ('state_dict', 'model'):
-        if isinstance(checkpoint.get(wrapper), Mapping):
-            return checkpoint[wrapper]
-    return checkpoint
-
-
-def convert_vvt_checkpoint(checkpoint: Mapping) -> 'OrderedDict[str, Tensor]':
+def convert_vvt_checkpoint(
+        checkpoint: Mapping) -> Tuple['OrderedDict[str, Tensor]', Dict[str, str]]:
     """Convert an official VVT checkpoint to the :class:`VVT` key layout.
 
     Pure function: the input is not modified and no file is read.
 
     Args:
         checkpoint (Mapping): The authors' state dict, at the top level or under
-            ``'model'`` / ``'state_dict'``. The ImageNet head (``head.*``) is
-            dropped and a ``module.`` prefix (DataParallel) is removed. A state
-            dict already in this package's layout is returned unchanged.
+            ``'model'`` / ``'state_dict'``; a ``module.`` prefix (DataParallel) is
+            removed. A state dict already in this package's layout is returned with the
+            same keys.
 
     Returns:
-        OrderedDict[str, Tensor]: State dict loadable by :class:`VVT`.
+        tuple[OrderedDict[str, Tensor], dict[str, str]]: The state dict loadable by
+        :class:`VVT`, and the keys not carried over (the ImageNet head ``head.*``) mapped
+        to the reason.
 
     Raises:
-        KeyError: If a key is neither an official VVT key nor one of ours,
-            e.g. the checkpoint of another architecture.
+        TypeError: If ``checkpoint`` is not a mapping.
+        ValueError: If a key is neither an official VVT key nor one of ours, e.g. the
+            checkpoint of another architecture (the keys are named).
     """
-    state_dict = _unwrap_state_dict(checkpoint)
-    if state_dict and all(key.startswith('module.') for key in state_dict):
-        state_dict = {key[len('module.'):]: value for key, value in state_dict.items()}
-    converted = OrderedDict()
-    unknown = []
-    for key, value in state_dict.items():
+    converted, dropped, unknown = OrderedDict(), {}, []
+    for key, value in unwrap_state_dict(checkpoint).items():
         if key.startswith('head.'):
+            dropped[key] = 'classification head'
             continue
         if key.startswith('stages.'):
             converted[key] = value
@@ -486,9 +474,9 @@ def convert_vvt_checkpoint(checkpoint: Mapping) -> 'OrderedDict[str, Tensor]':
         else:
             unknown.append(key)
     if unknown:
-        raise KeyError(f'not a VVT checkpoint: {len(unknown)} unrecognised keys, e.g. '
-                       f'{unknown[:8]}')
-    return converted
+        raise ValueError(f'not a VVT checkpoint: {len(unknown)} unrecognised keys, e.g. '
+                         f'{unknown[:8]}')
+    return converted, dropped
 
 
 def check_vvt_state_dict(model: nn.Module,
