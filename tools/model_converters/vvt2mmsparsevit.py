@@ -18,7 +18,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from mmengine.utils import mkdir_or_exist
 
 import mmsparsevit  # noqa: F401  (installs the checkpoint allow-list)
-from mmsparsevit.models.backbones.vvt import VVT, check_vvt_state_dict, convert_vvt_checkpoint
+from mmsparsevit.models.backbones.vvt import VVT, convert_vvt_checkpoint
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with torch.device('meta'):
         model = VVT(arch=arch)
     try:
-        check_vvt_state_dict(model, state_dict, source=args.src)
+        model.check_state_dict(state_dict, source=args.src)
     except ValueError as error:
         raise SystemExit(str(error)) from error
     mkdir_or_exist(osp.dirname(osp.abspath(args.dst)))

@@ -1,5 +1,6 @@
+from .base import SparseViTBackbone
 from .kvt import KVT
 from .lit import LIT
 from .vvt import VVT
 
-__all__ = ['KVT', 'LIT', 'VVT']
+__all__ = ['KVT', 'LIT', 'SparseViTBackbone', 'VVT']
