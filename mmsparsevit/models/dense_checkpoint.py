@@ -41,56 +41,19 @@ The mmdet 3.x / mmseg 1.x data preprocessors keep their mean and std as non-pers
 buffers, and no loss module has parameters, so the models expect nothing else.
 """
 from collections import OrderedDict
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Mapping
 
 from mmengine.model import is_model_wrapper
 from torch import Tensor, nn
 
 from mmsparsevit.utils.state_dict import strip_prefix, unwrap_state_dict
-from .backbones.lit import LIT, convert_lit_checkpoint
-from .backbones.vvt import VVT, convert_vvt_checkpoint
+from .backbones.base import ConvertedCheckpoint, SparseViTBackbone
 
 __all__ = ['convert_dense_checkpoint']
 
 BACKBONE_PREFIX = 'backbone.'
 # Room for the first keys of a converter's error; it lists every key it could not place.
 _MESSAGE_LIMIT = 600
-
-BackboneConverter = Callable[[nn.Module, Mapping[str, Tensor]],
-                             Tuple['OrderedDict[str, Tensor]', Dict[str, str]]]
-
-
-def _convert_lit_backbone(
-        backbone: LIT,
-        state_dict: Mapping[str, Tensor]) -> Tuple['OrderedDict[str, Tensor]', Dict[str, str]]:
-    converted, notes = convert_lit_checkpoint(state_dict)
-    adapted, _ = backbone.adapt_position_params(converted)
-    # Compare shapes rather than parse adapt_position_params' descriptions.
-    for key, value in adapted.items():
-        before = tuple(converted[key].shape)
-        if tuple(value.shape) != before:
-            mode = 'bilinear' if key.endswith('pos_embed') else 'bicubic'
-            notes[key] = (f'resized {before} -> {tuple(value.shape)} ({mode}): laid out for '
-                          'another input size than the model (pretrain_img_size)')
-    return OrderedDict(adapted), notes
-
-
-def _convert_vvt_backbone(
-        backbone: VVT,
-        state_dict: Mapping[str, Tensor]) -> Tuple['OrderedDict[str, Tensor]', Dict[str, str]]:
-    # convert_vvt_checkpoint drops the classifier without saying so; say it here.
-    notes = {key: 'classification head' for key in state_dict if key.startswith('head.')}
-    try:
-        converted = convert_vvt_checkpoint(state_dict)
-    except KeyError as error:
-        raise ValueError(error.args[0] if error.args else str(error)) from error
-    return converted, notes
-
-
-_BACKBONE_CONVERTERS: Tuple[Tuple[type, BackboneConverter], ...] = (
-    (LIT, _convert_lit_backbone),
-    (VVT, _convert_vvt_backbone),
-)
 
 
 def _clip(text: str, limit: int = _MESSAGE_LIMIT) -> str:
@@ -99,16 +62,18 @@ def _clip(text: str, limit: int = _MESSAGE_LIMIT) -> str:
 
 def convert_dense_checkpoint(
         checkpoint: Mapping,
-        model: nn.Module) -> Tuple['OrderedDict[str, Tensor]', Dict[str, str]]:
+        model: nn.Module) -> ConvertedCheckpoint:
     """Convert a detector's or segmentor's whole-model checkpoint to ``model``'s layout.
 
     Pure function: nothing is read from disk and neither argument is changed; ``model`` only
     lends its backbone type and parameter shapes, so it may live on the meta device.
 
-    - ``backbone.*`` keys go through the backbone's converter: for :class:`LIT`
-      :func:`convert_lit_checkpoint`, then :meth:`LIT.adapt_position_params` (position
-      embeddings and relative-position tables resized to the model's ``pretrain_img_size``);
-      for :class:`VVT` :func:`convert_vvt_checkpoint`. Keys of any other backbone are kept.
+    - ``backbone.*`` keys go through the backbone's
+      :meth:`~mmsparsevit.models.backbones.base.SparseViTBackbone.convert_state_dict`: its
+      converter (:func:`~mmsparsevit.models.backbones.lit.convert_lit_checkpoint`,
+      :func:`~mmsparsevit.models.backbones.vvt.convert_vvt_checkpoint`), then its
+      adaptation to the model (LIT: position embeddings and relative-position tables resized
+      to the model's ``pretrain_img_size``). Keys of any other backbone are kept.
     - Every other key is kept as it is: the neck and head layouts of the authors' mmdet 2.11 /
       mmseg 0.13 RetinaNet, Mask R-CNN and Semantic FPN equal those of mmdet 3.3 / mmseg 1.2
       (see the module docstring for the modules compared).
@@ -142,13 +107,12 @@ def convert_dense_checkpoint(
     if is_model_wrapper(model):
         model = model.module
     backbone = getattr(model, 'backbone', None)
-    convert = next((fn for cls, fn in _BACKBONE_CONVERTERS if isinstance(backbone, cls)), None)
     source = strip_prefix(state_dict, BACKBONE_PREFIX)
-    if convert is None or not source:
+    if not isinstance(backbone, SparseViTBackbone) or not source:
         return OrderedDict(state_dict), {}
 
     try:
-        backbone_state, backbone_notes = convert(backbone, source)
+        backbone_state, backbone_notes = backbone.convert_state_dict(source)
     except ValueError as error:
         raise ValueError(
             f'the {BACKBONE_PREFIX}* entries of the checkpoint do not convert to the model\'s '

@@ -145,8 +145,7 @@ def test_converter_takes_the_authors_file(tmp_path, yacs_config, name, converter
     state_dict = torch.load(converted, weights_only=True)['state_dict']
     kwargs = {k: v for k, v in backbone.items() if k != 'type'}
     model = BUILDERS[backbone['type']](**kwargs)
-    model.load_state_dict(model.adapt_position_params(state_dict)[0]
-                          if isinstance(model, LIT) else state_dict, strict=False)
+    model.load_state_dict(model.convert_state_dict(state_dict)[0], strict=False)
     torch.testing.assert_close(ours(model), theirs.weight, rtol=0, atol=0)
 
 

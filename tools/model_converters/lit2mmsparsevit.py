@@ -32,7 +32,7 @@ def main() -> None:
     checkpoint = CheckpointLoader.load_checkpoint(args.src, map_location='cpu')
     try:
         state_dict, dropped = convert_lit_checkpoint(checkpoint)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise SystemExit(f'{args.src}: {error}') from error
     mkdir_or_exist(osp.dirname(osp.abspath(args.dst)))
     torch.save({'state_dict': state_dict, 'meta': {'converted_from': args.src}}, args.dst)

@@ -18,7 +18,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from mmengine.utils import mkdir_or_exist
 
 import mmsparsevit  # noqa: F401  (installs the checkpoint allow-list)
-from mmsparsevit.models.backbones.vvt import VVT, check_vvt_state_dict, convert_vvt_checkpoint
+from mmsparsevit.models.backbones.vvt import VVT, convert_vvt_checkpoint
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -47,8 +47,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     checkpoint = CheckpointLoader.load_checkpoint(args.src, map_location='cpu')
     try:
-        state_dict = convert_vvt_checkpoint(checkpoint)
-    except (KeyError, TypeError) as error:
+        state_dict, dropped = convert_vvt_checkpoint(checkpoint)
+    except (TypeError, ValueError) as error:
         raise SystemExit(f'{args.src}: {error}') from error
     depths = _stage_depths(state_dict)
     arch = args.arch or next(
@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with torch.device('meta'):
         model = VVT(arch=arch)
     try:
-        check_vvt_state_dict(model, state_dict, source=args.src)
+        model.check_state_dict(state_dict, source=args.src)
     except ValueError as error:
         raise SystemExit(str(error)) from error
     mkdir_or_exist(osp.dirname(osp.abspath(args.dst)))
@@ -67,6 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                args.dst)
     print(f'{args.src} -> {args.dst}: {len(state_dict)} tensors, VVT-{arch} '
           f'({sum(v.numel() for v in state_dict.values()):,} parameters)')
+    for key, reason in dropped.items():
+        print(f'  not carried over: {key} ({reason})')
 
 
 if __name__ == '__main__':

@@ -21,7 +21,7 @@ Pair = Tuple[nn.Module, nn.Module]
 def _vvt_pair(arch: str) -> Pair:
     plain = PlainVVT(**VVT.arch_zoo[arch])
     ours = VVT(arch=arch, drop_path_rate=0.)
-    ours.load_state_dict(convert_vvt_checkpoint(plain.state_dict()), strict=True)
+    ours.load_state_dict(convert_vvt_checkpoint(plain.state_dict())[0], strict=True)
     return ours, plain
 
 

@@ -1,23 +1,24 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """Vicinity Vision Transformer (VVT) backbone for dense prediction."""
+import math
 import re
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
 from mmcv.cnn.bricks.transformer import PatchEmbed
-from mmengine.logging import MMLogger
 from mmengine.model import BaseModule, ModuleList
-from mmengine.model.weight_init import constant_init, normal_init, trunc_normal_init
-from mmengine.runner.checkpoint import CheckpointLoader
+from mmengine.model.weight_init import normal_init
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmsparsevit.registry import MODELS
+from mmsparsevit.utils.state_dict import unwrap_state_dict
+from ..layers.shape_convert import nlc_to_nchw
 from ..layers.vicinity_attention import VicinityAttention
+from .base import ConvertedCheckpoint, SparseViTBackbone
 
 
 class VVTFFN(BaseModule):
@@ -117,9 +118,9 @@ class VVTStage(BaseModule):
         embed_dims (int): Token channels of the stage.
         patch_size (int): Kernel of the patch-embedding convolution.
         stride (int): Stride of the patch-embedding convolution.
-        depth (int): Number of blocks.
         block_cfg (dict): Keyword arguments shared by the blocks.
-        drop_path_rates (Sequence[float]): Stochastic depth rate of each block.
+        drop_path_rates (Sequence[float]): Stochastic depth rate of each block, one block
+            per entry.
         norm_cfg (dict): Norm config of the blocks and the stage output.
             Defaults to dict(type='LN', eps=1e-6).
         init_cfg (dict, optional): Initialization config. Defaults to None.
@@ -130,7 +131,6 @@ class VVTStage(BaseModule):
                  embed_dims: int,
                  patch_size: int,
                  stride: int,
-                 depth: int,
                  block_cfg: dict,
                  drop_path_rates: Sequence[float],
                  norm_cfg: dict = dict(type='LN', eps=1e-6),
@@ -146,7 +146,7 @@ class VVTStage(BaseModule):
             norm_cfg=dict(type='LN'))
         self.blocks = ModuleList([
             VVTBlock(embed_dims, drop_path_rate=rate, norm_cfg=norm_cfg, **block_cfg)
-            for rate in drop_path_rates[:depth]
+            for rate in drop_path_rates
         ])
         self.norm = build_norm_layer(norm_cfg, embed_dims)[1]
 
@@ -155,12 +155,11 @@ class VVTStage(BaseModule):
         x, hw_shape = self.patch_embed(x)
         for block in self.blocks:
             x = block(x, hw_shape)
-        x = self.norm(x)
-        return x.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape).contiguous()
+        return nlc_to_nchw(self.norm(x), hw_shape).contiguous()
 
 
 @MODELS.register_module()
-class VVT(BaseModule):
+class VVT(SparseViTBackbone):
     """Vicinity Vision Transformer.
 
     A PVTv2-style pyramid of four stages (overlapping patch embeddings 7x7/4 then
@@ -191,13 +190,9 @@ class VVT(BaseModule):
         out_indices (Sequence[int] | int): Stages whose outputs are returned
             (negative indices count from the end). Defaults to (0, 1, 2, 3).
         frozen_stages (int): ``-1`` freezes nothing, ``0`` the stem (the first
-            patch embedding), ``k > 0`` the first ``k`` stages. Frozen parts stay in
-            eval mode with ``requires_grad=False``. Defaults to -1.
-        norm_eval (bool): Keep every normalization layer in eval mode during
-            training. VVT's LayerNorms have no running statistics, so this only
-            matters for norm layers with running statistics swapped in through
-            ``norm_cfg``-compatible configs; kept for a uniform backbone contract.
-            Defaults to False.
+            patch embedding), ``k > 0`` the first ``k`` stages. Defaults to -1.
+        norm_eval (bool): See :class:`SparseViTBackbone`; VVT's LayerNorms have no
+            running statistics and are not affected. Defaults to False.
         drop_path_rate (float): Stochastic depth rate, increased linearly over the
             blocks. Defaults to 0.1.
         with_cp (bool): Activation checkpointing per block (saves memory, costs a
@@ -207,10 +202,8 @@ class VVT(BaseModule):
         norm_cfg (dict): Norm of the blocks and stage outputs.
             Defaults to dict(type='LN', eps=1e-6).
         act_cfg (dict): FFN activation. Defaults to dict(type='GELU').
-        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)``
-            loads an official release or a converted checkpoint (an optional
-            ``prefix`` such as ``'backbone.'`` selects a sub-dict); other configs go
-            to mmengine. None uses the authors' initialization. Defaults to None.
+        init_cfg (dict, optional): See :class:`SparseViTBackbone`; ``Pretrained``
+            takes an official release or a converted checkpoint. Defaults to None.
 
     Examples:
         >>> import torch
@@ -222,33 +215,17 @@ class VVT(BaseModule):
     """
 
     arch_zoo = {
-        **dict.fromkeys(['t', 'tiny'], {
-            'embed_dims': (96, 160, 320, 512),
-            'depths': (2, 2, 2, 2),
-            'num_heads': (1, 2, 5, 8),
-            'mlp_ratios': (8, 8, 4, 4)
-        }),
-        **dict.fromkeys(['s', 'small'], {
-            'embed_dims': (96, 160, 320, 512),
-            'depths': (3, 3, 9, 3),
-            'num_heads': (1, 2, 5, 8),
-            'mlp_ratios': (8, 8, 4, 4)
-        }),
-        **dict.fromkeys(['m', 'medium'], {
-            'embed_dims': (96, 160, 320, 512),
-            'depths': (3, 3, 27, 3),
-            'num_heads': (1, 2, 5, 8),
-            'mlp_ratios': (8, 8, 4, 4)
-        }),
-        **dict.fromkeys(['l', 'large'], {
-            'embed_dims': (96, 160, 320, 512),
-            'depths': (4, 4, 36, 4),
-            'num_heads': (1, 2, 5, 8),
-            'mlp_ratios': (4, 4, 4, 4)
-        }),
+        **dict.fromkeys(['t', 'tiny'], dict(embed_dims=(96, 160, 320, 512), depths=(2, 2, 2, 2),
+                                            num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4))),
+        **dict.fromkeys(['s', 'small'], dict(embed_dims=(96, 160, 320, 512), depths=(3, 3, 9, 3),
+                                             num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4))),
+        **dict.fromkeys(['m', 'medium'], dict(embed_dims=(96, 160, 320, 512),
+                                              depths=(3, 3, 27, 3), num_heads=(1, 2, 5, 8),
+                                              mlp_ratios=(8, 8, 4, 4))),
+        **dict.fromkeys(['l', 'large'], dict(embed_dims=(96, 160, 320, 512), depths=(4, 4, 36, 4),
+                                             num_heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4))),
     }
-    _required_arch_keys = ('embed_dims', 'depths', 'num_heads', 'mlp_ratios')
-    _optional_arch_defaults = {'feature_reductions': 2, 'se_ratios': 1}
+    arch_stage_defaults = {'feature_reductions': 2, 'se_ratios': 1}
 
     def __init__(self,
                  arch: Union[str, dict] = 'tiny',
@@ -262,140 +239,51 @@ class VVT(BaseModule):
                  norm_cfg: dict = dict(type='LN', eps=1e-6),
                  act_cfg: dict = dict(type='GELU'),
                  init_cfg: Optional[dict] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
-        self.arch_settings = self._parse_arch(arch)
-        num_stages = len(self.arch_settings['depths'])
-        self.num_stages = num_stages
+        super().__init__(arch, out_indices, frozen_stages, norm_eval, drop_path_rate, with_cp,
+                         init_cfg)
         self.in_channels = in_channels
-        self.out_indices = self._parse_out_indices(out_indices, num_stages)
-        if not -1 <= frozen_stages <= num_stages:
-            raise ValueError(
-                f'frozen_stages must be in [-1, {num_stages}], got {frozen_stages}')
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        self.num_features = tuple(self.arch_settings['embed_dims'])
-
-        depths = self.arch_settings['depths']
-        total_depth = sum(depths)
-        rates = [drop_path_rate * i / max(total_depth - 1, 1) for i in range(total_depth)]
+        settings = self.arch_settings
         self.stages = ModuleList()
-        stage_in_channels = in_channels
-        for i in range(num_stages):
+        for i in range(self.num_stages):
             block_cfg = dict(
-                num_heads=self.arch_settings['num_heads'][i],
-                mlp_ratio=self.arch_settings['mlp_ratios'][i],
-                feature_reduction=self.arch_settings['feature_reductions'][i],
-                se_ratio=self.arch_settings['se_ratios'][i],
+                num_heads=settings['num_heads'][i],
+                mlp_ratio=settings['mlp_ratios'][i],
+                feature_reduction=settings['feature_reductions'][i],
+                se_ratio=settings['se_ratios'][i],
                 position_form=position_form,
                 act_cfg=act_cfg,
                 with_cp=with_cp)
             self.stages.append(
                 VVTStage(
-                    stage_in_channels,
+                    self.num_features[i - 1] if i else in_channels,
                     self.num_features[i],
                     patch_size=7 if i == 0 else 3,
                     stride=4 if i == 0 else 2,
-                    depth=depths[i],
                     block_cfg=block_cfg,
-                    drop_path_rates=rates[sum(depths[:i]):sum(depths[:i + 1])],
+                    drop_path_rates=self.drop_path_rates[i],
                     norm_cfg=norm_cfg))
-            stage_in_channels = self.num_features[i]
         self._freeze_stages()
 
-    @classmethod
-    def _parse_arch(cls, arch: Union[str, dict]) -> Dict[str, tuple]:
-        if isinstance(arch, str):
-            if arch.lower() not in cls.arch_zoo:
-                raise KeyError(f'unknown VVT arch {arch!r}; choose one of '
-                               f'{sorted(set(cls.arch_zoo))} or pass a dict')
-            arch = cls.arch_zoo[arch.lower()]
-        elif not isinstance(arch, Mapping):
-            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
-        missing = [key for key in cls._required_arch_keys if key not in arch]
-        unknown = sorted(set(arch) - set(cls._required_arch_keys) -
-                         set(cls._optional_arch_defaults))
-        if missing or unknown:
-            raise KeyError(f'custom VVT arch: missing keys {missing}, unknown keys {unknown}; '
-                           f'required {list(cls._required_arch_keys)}, optional '
-                           f'{list(cls._optional_arch_defaults)}')
-        num_stages = len(arch['depths'])
-        settings = {}
-        for key in cls._required_arch_keys + tuple(cls._optional_arch_defaults):
-            value = arch.get(key, (cls._optional_arch_defaults.get(key), ) * num_stages)
-            if isinstance(value, (int, float)) or len(value) != num_stages:
-                raise ValueError(f'custom VVT arch: {key!r} must list one value per stage '
-                                 f'({num_stages} stages from depths), got {value!r}')
-            settings[key] = tuple(value)
-        return settings
+    def stem_modules(self) -> List[nn.Module]:
+        """The first patch embedding."""
+        return [self.stages[0].patch_embed]
 
-    @staticmethod
-    def _parse_out_indices(out_indices: Union[int, Sequence[int]],
-                           num_stages: int) -> Tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = (out_indices, )
-        if not isinstance(out_indices, Sequence) or len(out_indices) == 0:
-            raise TypeError(f'out_indices must be an int or a non-empty sequence of ints, '
-                            f'got {out_indices!r}')
-        normalised = []
-        for index in out_indices:
-            if not isinstance(index, int) or not -num_stages <= index < num_stages:
-                raise ValueError(f'out_indices entry {index!r} is out of range for '
-                                 f'{num_stages} stages (valid: {-num_stages}..{num_stages - 1})')
-            normalised.append(index % num_stages)
-        return tuple(sorted(set(normalised)))
+    def stage_modules(self, index: int) -> List[nn.Module]:
+        """Patch embedding, blocks and output norm of stage ``index``."""
+        return [self.stages[index]]
 
-    def _freeze_stages(self) -> None:
-        if self.frozen_stages < 0:
-            return
-        frozen = [self.stages[0].patch_embed, *self.stages[:self.frozen_stages]]
-        for module in frozen:
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+    def init_default_weights(self) -> None:
+        """Linears and LayerNorms as in the base, convolutions normal with fan-out variance
+        (the authors' ``_init_weights``)."""
+        super().init_default_weights()
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = math.prod(module.kernel_size) * module.out_channels // module.groups
+                normal_init(module, mean=0., std=(2.0 / fan_out)**0.5, bias=0.)
 
-    def train(self, mode: bool = True) -> 'VVT':
-        """Switch mode, keeping frozen stages (and norms if ``norm_eval``) in eval."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm)):
-                    module.eval()
-        return self
-
-    def init_weights(self) -> None:
-        """Initialise as the authors do, or load ``init_cfg``'s checkpoint."""
-        if self.init_cfg is None:
-            for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    trunc_normal_init(module, std=.02, bias=0.)
-                elif isinstance(module, nn.LayerNorm):
-                    constant_init(module, val=1., bias=0.)
-                elif isinstance(module, nn.Conv2d):
-                    fan_out = module.kernel_size[0] * module.kernel_size[1] * \
-                        module.out_channels // module.groups
-                    normal_init(module, mean=0., std=(2.0 / fan_out)**0.5, bias=0.)
-        elif isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
-            self._load_pretrained(self.init_cfg['checkpoint'], self.init_cfg.get('prefix'))
-        else:
-            super().init_weights()
-
-    def _load_pretrained(self, filename: str, prefix: Optional[str]) -> None:
-        logger = MMLogger.get_current_instance()
-        checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu', logger=logger)
-        if prefix:
-            state_dict = _unwrap_state_dict(checkpoint)
-            state_dict = {
-                key[len(prefix):]: value
-                for key, value in state_dict.items() if key.startswith(prefix)
-            }
-            if not state_dict:
-                raise KeyError(f'{filename}: no key starts with prefix {prefix!r}')
-            checkpoint = state_dict
-        state_dict = convert_vvt_checkpoint(checkpoint)
-        check_vvt_state_dict(self, state_dict, source=filename)
-        self.load_state_dict(state_dict, strict=True)
-        logger.info(f'VVT: loaded {len(state_dict)} tensors from {filename}')
+    def convert_state_dict(self, checkpoint: Mapping) -> ConvertedCheckpoint:
+        """:func:`convert_vvt_checkpoint`: no VVT parameter depends on the input size."""
+        return convert_vvt_checkpoint(checkpoint)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Return the normalised outputs of the stages in ``out_indices``.
@@ -440,40 +328,31 @@ _OFFICIAL_KEY_RULES = (
 )
 
 
-def _unwrap_state_dict(checkpoint: Mapping) -> Mapping[str, Tensor]:
-    if not isinstance(checkpoint, Mapping):
-        raise TypeError(f'a checkpoint must be a dict, got {type(checkpoint).__name__}')
-    for wrapper in ('state_dict', 'model'):
-        if isinstance(checkpoint.get(wrapper), Mapping):
-            return checkpoint[wrapper]
-    return checkpoint
-
-
-def convert_vvt_checkpoint(checkpoint: Mapping) -> 'OrderedDict[str, Tensor]':
+def convert_vvt_checkpoint(checkpoint: Mapping) -> ConvertedCheckpoint:
     """Convert an official VVT checkpoint to the :class:`VVT` key layout.
 
     Pure function: the input is not modified and no file is read.
 
     Args:
         checkpoint (Mapping): The authors' state dict, at the top level or under
-            ``'model'`` / ``'state_dict'``. The ImageNet head (``head.*``) is
-            dropped and a ``module.`` prefix (DataParallel) is removed. A state
-            dict already in this package's layout is returned unchanged.
+            ``'model'`` / ``'state_dict'``; a ``module.`` prefix (DataParallel) is
+            removed. A state dict already in this package's layout is returned with the
+            same keys.
 
     Returns:
-        OrderedDict[str, Tensor]: State dict loadable by :class:`VVT`.
+        tuple[OrderedDict[str, Tensor], dict[str, str]]: The state dict loadable by
+        :class:`VVT`, and the keys not carried over (the ImageNet head ``head.*``) mapped
+        to the reason.
 
     Raises:
-        KeyError: If a key is neither an official VVT key nor one of ours,
-            e.g. the checkpoint of another architecture.
+        TypeError: If ``checkpoint`` is not a mapping.
+        ValueError: If a key is neither an official VVT key nor one of ours, e.g. the
+            checkpoint of another architecture (the keys are named).
     """
-    state_dict = _unwrap_state_dict(checkpoint)
-    if state_dict and all(key.startswith('module.') for key in state_dict):
-        state_dict = {key[len('module.'):]: value for key, value in state_dict.items()}
-    converted = OrderedDict()
-    unknown = []
-    for key, value in state_dict.items():
+    converted, dropped, unknown = OrderedDict(), {}, []
+    for key, value in unwrap_state_dict(checkpoint).items():
         if key.startswith('head.'):
+            dropped[key] = 'classification head'
             continue
         if key.startswith('stages.'):
             converted[key] = value
@@ -486,37 +365,6 @@ def convert_vvt_checkpoint(checkpoint: Mapping) -> 'OrderedDict[str, Tensor]':
         else:
             unknown.append(key)
     if unknown:
-        raise KeyError(f'not a VVT checkpoint: {len(unknown)} unrecognised keys, e.g. '
-                       f'{unknown[:8]}')
-    return converted
-
-
-def check_vvt_state_dict(model: nn.Module,
-                         state_dict: Mapping[str, Tensor],
-                         source: str = 'the checkpoint') -> None:
-    """Raise if ``state_dict`` does not match ``model`` key for key and shape for shape.
-
-    Args:
-        model (nn.Module): The :class:`VVT` to be loaded.
-        state_dict (Mapping[str, Tensor]): A state dict in :class:`VVT` layout.
-        source (str): Name of the checkpoint used in the message.
-            Defaults to 'the checkpoint'.
-
-    Raises:
-        ValueError: Naming the missing and unexpected keys and the shape
-            mismatches (a checkpoint of another VVT architecture).
-    """
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    mismatched = [
-        f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}'
-        for key, value in state_dict.items()
-        if key in expected and tuple(value.shape) != tuple(expected[key].shape)
-    ]
-    if missing or unexpected or mismatched:
-        arch = getattr(model, 'arch_settings', None)
-        raise ValueError(
-            f'{source} does not match VVT {arch}: {len(missing)} missing keys '
-            f'{missing[:6]}, {len(unexpected)} unexpected keys {unexpected[:6]}, '
-            f'{len(mismatched)} shape mismatches {mismatched[:6]}')
+        raise ValueError(f'not a VVT checkpoint: {len(unknown)} unrecognised keys, e.g. '
+                         f'{unknown[:8]}')
+    return converted, dropped

@@ -3,9 +3,11 @@ from .knn_attention import knn_attention
 from .knn_attention_modules import KNNLITAttention, KNNMultiheadAttention, KNNWindowMSA
 from .lit_attention import LITAttention
 from .lit_blocks import LITAttentionBlock, LITMLPBlock
+from .shape_convert import nchw_to_nlc, nlc_to_nchw
 from .vicinity_attention import VicinityAttention
 
 __all__ = [
-    'knn_attention', 'KNNLITAttention', 'KNNMultiheadAttention', 'KNNWindowMSA',
+    'knn_attention', 'KNNLITAttention', 'KNNMultiheadAttention', 'KNNWindowMSA', 'nchw_to_nlc',
+    'nlc_to_nchw',
     'DeformableTokenMerging', 'LITAttention', 'LITAttentionBlock', 'LITMLPBlock',
     'VicinityAttention']
