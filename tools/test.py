@@ -18,10 +18,9 @@ from mmengine.config import Config
 from mmengine.registry import HOOKS, METRICS
 
 import mmsparsevit.models  # noqa: F401  registers this package's modules
-from mmsparsevit.apis import ConfigCheckError
-from mmsparsevit.apis.cli import (add_common_args, build_runner, load_config, parse_common,
-                                  run_reporting_input_errors)
-from mmsparsevit.engine import harden_test_config
+from mmsparsevit.runtime import ConfigCheckError, harden_test_config
+from mmsparsevit.runtime.cli import (add_common_args, build_runner, load_config, parse_common,
+                                     run_reporting_input_errors)
 
 # mmdet's dumper stores masks as RLE; mmengine's stores predictions as they are.
 _DUMP_METRIC = {'mmdet': 'DumpDetResults'}

@@ -4,7 +4,7 @@ from typing import Dict, Optional
 import numpy as np
 from mmcv.transforms import BaseTransform
 
-from mmsparsevit.apis.preflight import ConfigCheckError
+from mmsparsevit.runtime.preflight import ConfigCheckError
 from ..registry import TRANSFORMS
 
 __all__ = ['DataCheckError', 'CheckLoadedSample']

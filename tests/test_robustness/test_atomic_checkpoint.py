@@ -11,8 +11,9 @@ import torch
 from mmengine.config import Config
 from robustness_utils import DET_CONFIG, WritesFile, capture_warnings, load_tool, toy_runner
 
-from mmsparsevit.engine import (ResumeError, atomic_io, atomic_write_bytes,
-                                find_resumable_checkpoint, harden_train_config, resume)
+from mmsparsevit.engine import atomic_io, atomic_write_bytes
+from mmsparsevit.runtime import (ResumeError, find_resumable_checkpoint, harden_train_config,
+                                 resume)
 
 SUBPROCESS_TIMEOUT_S = 120
 
@@ -58,7 +59,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
 
 _KILLED_WRITER = textwrap.dedent('''
     import os, signal, sys
-    from mmsparsevit.engine import atomic_io, resume
+    from mmsparsevit.engine import atomic_io
     from mmengine.fileio import get_file_backend, LocalBackend
 
     def die(descriptor):  # the data is in the temporary file, the rename has not happened

@@ -16,8 +16,8 @@ import torch
 from robustness_utils import (DET_CONFIG, SEG_CONFIG, capture_warnings, data_options,
                               fixture_config, make_fixture_data, run_tool)
 
-from mmsparsevit.engine import (DataAuditHook, DataCheckError, audit_coco_annotations, data_audit,
-                                harden_test_config, harden_train_config)
+from mmsparsevit.engine import DataAuditHook, DataCheckError, audit_coco_annotations, data_audit
+from mmsparsevit.runtime import harden_test_config, harden_train_config
 
 SEG_NUM_CLASSES = 4
 

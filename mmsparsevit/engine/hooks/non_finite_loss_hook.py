@@ -50,7 +50,7 @@ class NonFiniteLossHook(Hook):
     scaler skips steps with infinite gradients by design (and lowers the scale).
 
     Enabled by ``tools/train.py`` for every run (see
-    :func:`mmsparsevit.engine.harden_train_config`).
+    :func:`mmsparsevit.runtime.harden_train_config`).
 
     Args:
         action (str): ``'stop'`` or ``'skip'``. Defaults to ``'stop'``.

@@ -5,7 +5,7 @@ from typing import Any, Iterator, List, Optional, Sequence
 
 from mmengine.config import Config
 
-from .atomic_io import ATOMIC_BACKEND
+from ..engine.atomic_io import ATOMIC_BACKEND
 from .resume import find_resumable_checkpoint
 
 __all__ = ['harden_train_config', 'harden_test_config']
@@ -103,7 +103,7 @@ def harden_train_config(cfg: Config) -> Config:
       against it; one that fits only partly warns once with the counts (``WeightsMatchHook``
       with ``allow_partial=True``);
     - ``resume=True`` without ``load_from`` resumes from the newest *readable* checkpoint of
-      the work dir (:func:`~mmsparsevit.engine.resume.find_resumable_checkpoint`).
+      the work dir (:func:`~mmsparsevit.runtime.resume.find_resumable_checkpoint`).
 
     Args:
         cfg (Config): A merged training config with ``work_dir`` set; changed in place.
