@@ -7,7 +7,8 @@ look-up, and names of root-level bricks (``'LN'``, ``'GELU'``, ``'DropPath'``) b
 modules resolve through the parent.
 
 - ``MODELS``: backbones (``mmsparsevit.models``).
-- ``HOOKS`` and ``TRANSFORMS``: the runtime guards and data checks (``mmsparsevit.engine``).
+- ``HOOKS``: the training and testing guards (``mmsparsevit.engine``).
+- ``TRANSFORMS``: the per-sample data check (``mmsparsevit.datasets``).
 """
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
@@ -20,6 +21,6 @@ HOOKS = Registry(
     'hook', parent=MMENGINE_HOOKS, scope='mmsparsevit', locations=['mmsparsevit.engine'])
 TRANSFORMS = Registry(
     'transform', parent=MMENGINE_TRANSFORMS, scope='mmsparsevit',
-    locations=['mmsparsevit.engine'])
+    locations=['mmsparsevit.datasets'])
 
 __all__ = ['MODELS', 'HOOKS', 'TRANSFORMS']

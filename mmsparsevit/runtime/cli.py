@@ -10,6 +10,7 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from ..datasets.data_checks import DataCheckError
 from ..engine.weights_match import WeightsMismatchError
 from ..utils.checkpoint import CheckpointDownloadError
 from ..utils.dist import release_distributed, setup_distributed
@@ -71,15 +72,17 @@ def build_runner(cfg: Config, mode: str) -> Runner:
 def run_reporting_input_errors(job: Callable[[], Result]) -> Result:
     """Run ``job``; exit with a one-line message when the input is at fault.
 
-    :class:`ConfigCheckError`, a checkpoint that does not fit the model or cannot be
-    downloaded, and errors that :func:`describe_data_error`
-    recognises end the process with ``error: ...`` on stderr and exit code 1;
-    anything else propagates with its traceback. Either way the distributed process group,
-    if ``job`` created one, is destroyed before returning (:func:`release_distributed`).
+    :class:`ConfigCheckError`, a :class:`~mmsparsevit.datasets.DataCheckError`, a checkpoint
+    that does not fit the model or cannot be downloaded, and errors that
+    :func:`describe_data_error` recognises end the process with ``error: ...`` on stderr and
+    exit code 1; anything else propagates with its traceback. Either way the distributed
+    process group, if ``job`` created one, is destroyed before returning
+    (:func:`release_distributed`).
     """
     try:
         return job()
-    except (ConfigCheckError, WeightsMismatchError, CheckpointDownloadError) as err:
+    except (ConfigCheckError, DataCheckError, WeightsMismatchError,
+            CheckpointDownloadError) as err:
         sys.exit(f'error: {err}')
     except Exception as err:
         message = describe_data_error(err)

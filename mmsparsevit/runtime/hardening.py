@@ -1,10 +1,11 @@
 """The failure behaviour every ``tools/train.py`` and ``tools/test.py`` run gets, applied to
 its config."""
 import copy
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from mmengine.config import Config
 
+from ..datasets.data_checks import leaf_datasets
 from ..engine.atomic_io import ATOMIC_BACKEND
 from .resume import find_resumable_checkpoint
 
@@ -22,18 +23,6 @@ def _type_name(transform: Any) -> str:
     kind = transform.get('type') if isinstance(transform, dict) else None
     name = kind.__name__ if isinstance(kind, type) else str(kind)
     return name.split('.')[-1]
-
-
-def _datasets(dataset: Any) -> Iterator[dict]:
-    if not isinstance(dataset, dict):
-        return
-    if 'dataset' in dataset:
-        yield from _datasets(dataset['dataset'])
-    elif 'datasets' in dataset:
-        for child in dataset['datasets']:
-            yield from _datasets(child)
-    else:
-        yield dataset
 
 
 def _decode_head(model: dict) -> Optional[dict]:
@@ -83,8 +72,8 @@ def _add_sample_checks(cfg: Config, phases: Sequence[str]) -> None:
         check.update(num_classes=head['num_classes'], ignore_index=head.get('ignore_index', 255))
     for phase in phases:
         loader = cfg.get(f'{phase}_dataloader')
-        for dataset in _datasets((loader or {}).get('dataset')):
-            if isinstance(dataset.get('pipeline'), (list, tuple)):
+        for _, dataset in leaf_datasets((loader or {}).get('dataset')):
+            if isinstance(dataset, dict) and isinstance(dataset.get('pipeline'), (list, tuple)):
                 dataset['pipeline'] = _with_sample_check(list(dataset['pipeline']), check)
 
 
