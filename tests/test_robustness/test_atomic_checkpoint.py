@@ -107,7 +107,7 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_names_it(tmp_path, monke
     _truncate(newer)
     _record_latest(tmp_path, newer)
     assert find_resumable_checkpoint(str(tmp_path)) == str(older)
-    assert logged[0].startswith(f'--resume: skipping {newer}: checkpoint file {newer} is '
+    assert logged[0].startswith(f'--resume: skipping {newer}: checkpoint {newer} is '
                                 'truncated or not a torch checkpoint')
     assert logged[1] == f'--resume: resuming from {older}; skipped the newer but unusable {newer}'
 
@@ -174,6 +174,7 @@ def test_train_tool_runs_every_config_hardened(tmp_path, monkeypatch):
     cfg = built[0]
     assert cfg.default_hooks.checkpoint.backend_args == dict(backend='local_atomic')
     assert [hook['type'] for hook in cfg.custom_hooks] == [
-        'mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook']
+        'mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook',
+        'mmsparsevit.WeightsMatchHook']
     assert 'mmsparsevit.engine' in cfg.custom_imports.imports
     assert dict(type='mmsparsevit.CheckLoadedSample') in cfg.train_dataloader.dataset.pipeline

@@ -270,9 +270,10 @@ def test_test_tool_checks_every_sample_it_evaluates(data_root, tmp_path):
     cv2.imwrite(str(seg_map), labels)
     checkpoint = tmp_path / 'untrained.pth'
     torch.save(dict(state_dict={}), checkpoint)
+    # An untrained model: --allow-partial-checkpoint lets the run reach the samples.
     result = run_tool('test.py', [
-        SEG_CONFIG, checkpoint, '--work-dir', tmp_path / 'work', '--cfg-options',
-        *data_options(SEG_CONFIG, data_root)
+        SEG_CONFIG, checkpoint, '--work-dir', tmp_path / 'work', '--allow-partial-checkpoint',
+        '--cfg-options', *data_options(SEG_CONFIG, data_root)
     ])
     assert result.returncode != 0
     assert (f'segmentation map {seg_map} holds labels [8] outside the {SEG_NUM_CLASSES} '
