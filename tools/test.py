@@ -12,6 +12,7 @@ Examples:
 import argparse
 import inspect
 import os.path as osp
+from functools import partial
 from typing import Dict, Optional, Sequence
 
 from mmengine.config import Config
@@ -48,12 +49,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def test_config(args: argparse.Namespace) -> Config:
-    """The config with the checkpoint, the per-sample data checks and the visualisation
-    options applied."""
+    """The config with the checkpoint and the visualisation options applied."""
     if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):
         raise ConfigCheckError(f'checkpoint {args.checkpoint} does not exist')
-    cfg = harden_test_config(load_config(args),
-                             allow_partial_checkpoint=args.allow_partial_checkpoint)
+    cfg = load_config(args)
     cfg.load_from = args.checkpoint
     if args.show_dir is not None:
         hook = (cfg.get('default_hooks') or {}).get('visualization')
@@ -79,7 +78,8 @@ def _hook_arguments(cfg: Config, hook: Dict) -> Sequence[str]:
 
 
 def test(args: argparse.Namespace) -> Dict:
-    runner = build_runner(test_config(args), 'test')
+    harden = partial(harden_test_config, allow_partial_checkpoint=args.allow_partial_checkpoint)
+    runner = build_runner(test_config(args), 'test', harden)
     if args.out is not None:
         metric_type = _DUMP_METRIC.get(runner.cfg.get('default_scope'), 'DumpResults')
         runner.test_evaluator.metrics.append(

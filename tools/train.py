@@ -66,7 +66,7 @@ def train_config(args: argparse.Namespace) -> Config:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     run_reporting_input_errors(
-        lambda: build_runner(harden_train_config(train_config(args)), 'train').train())
+        lambda: build_runner(train_config(args), 'train', harden_train_config).train())
 
 
 if __name__ == '__main__':

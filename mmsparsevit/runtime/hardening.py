@@ -1,5 +1,9 @@
 """The failure behaviour every ``tools/train.py`` and ``tools/test.py`` run gets, applied to
-its config."""
+its config.
+
+Nothing here is hidden from the user: the tools log every change these functions make, as
+config statements, when the run starts (:func:`~.cli.build_runner`).
+"""
 import copy
 from typing import Any, List, Optional, Sequence
 
@@ -57,6 +61,8 @@ def _add_hooks(cfg: Config, hooks: List[dict]) -> None:
 
 
 def _import_engine(cfg: Config) -> None:
+    # Hooks and transforms resolve through the registry's scope, but the local_atomic file
+    # backend does not: a config saved in the work dir must import it to run elsewhere.
     imports = cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False)
     modules = imports.get('imports', [])
     modules = [modules] if isinstance(modules, str) else list(modules)

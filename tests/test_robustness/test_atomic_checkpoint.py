@@ -12,8 +12,8 @@ from mmengine.config import Config
 from robustness_utils import DET_CONFIG, WritesFile, capture_warnings, load_tool, toy_runner
 
 from mmsparsevit.engine import atomic_io, atomic_write_bytes
-from mmsparsevit.runtime import (ResumeError, find_resumable_checkpoint, harden_train_config,
-                                 resume)
+from mmsparsevit.runtime import (ResumeError, cli, find_resumable_checkpoint,
+                                 harden_train_config, resume)
 
 SUBPROCESS_TIMEOUT_S = 120
 
@@ -168,7 +168,8 @@ def test_train_tool_runs_every_config_hardened(tmp_path, monkeypatch):
         built.append(cfg)
         raise SystemExit(0)
 
-    monkeypatch.setattr(train_tool, 'build_runner', capture)
+    # build_runner hardens the config, then checks it: capture it there.
+    monkeypatch.setattr(cli, 'check_config', capture)
     with pytest.raises(SystemExit):
         train_tool.main([str(DET_CONFIG), '--work-dir', str(tmp_path)])
     cfg = built[0]
