@@ -6,6 +6,8 @@ of any OpenMMLab toolbox can therefore build this package's modules as
 look-up, and names of root-level bricks (``'LN'``, ``'GELU'``, ``'DropPath'``) built inside our
 modules resolve through the parent.
 
+A leaf of the layering: imports only mmengine, so every layer may register into it.
+
 - ``MODELS``: backbones (``mmsparsevit.models``).
 - ``HOOKS``: the training and testing guards (``mmsparsevit.engine``).
 - ``TRANSFORMS``: the per-sample data check (``mmsparsevit.datasets``).

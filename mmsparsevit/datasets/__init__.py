@@ -5,8 +5,8 @@ through dataset wrappers (:func:`leaf_datasets`) and the rules of a COCO file
 (:func:`check_coco_file`) exist once, here; the tools' pre-flight, the hardening of their
 configs and ``DataAuditHook`` all use them.
 
-Layer: imports only :mod:`mmsparsevit.registry` (and may import ``models`` and ``utils``);
-never ``engine`` or ``runtime``.
+Layer: may import ``models`` and ``utils`` (and the ``registry`` leaf); never ``engine`` or
+``runtime``.
 """
 from .data_checks import (DataCheckError, audit_coco_annotations, audit_dataset, check_coco_file,
                           leaf_datasets)

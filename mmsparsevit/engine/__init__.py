@@ -4,6 +4,9 @@ Importing this package registers the ``local_atomic`` file backend and the hooks
 ``mmsparsevit.NonFiniteLossHook`` / ``mmsparsevit.DataAuditHook`` /
 ``mmsparsevit.WeightsMatchHook``; :func:`mmsparsevit.runtime.harden_train_config` and
 :func:`mmsparsevit.runtime.harden_test_config` switch them on for a run.
+
+Layer: may import ``datasets``, ``models`` and ``utils`` (and the ``registry`` leaf); never
+``runtime``.
 """
 from .atomic_io import ATOMIC_BACKEND, AtomicLocalBackend, atomic_write_bytes
 from .hooks import DataAuditHook, NonFiniteLossError, NonFiniteLossHook, WeightsMatchHook

@@ -2,7 +2,10 @@
 
 What the tools share (:mod:`.cli`), the checks they run before a runner is built
 (:mod:`.preflight`), the failure behaviour they give every config (:mod:`.hardening`) and the
-choice of the checkpoint ``--resume`` continues from (:mod:`.resume`).
+choice of the checkpoint ``--resume`` continues from (:mod:`.resume`). Every change the
+hardening makes is logged when a run starts (:mod:`.config_diff`).
+
+Layer: the top one; may import every other layer, and nothing in the package imports it.
 """
 from .hardening import harden_test_config, harden_train_config
 from .preflight import (ConfigCheckError, backbone_out_channels, check_backbone_channels,
