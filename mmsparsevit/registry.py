@@ -6,8 +6,11 @@ of any OpenMMLab toolbox can therefore build this package's modules as
 look-up, and names of root-level bricks (``'LN'``, ``'GELU'``, ``'DropPath'``) built inside our
 modules resolve through the parent.
 
+A leaf of the layering: imports only mmengine, so every layer may register into it.
+
 - ``MODELS``: backbones (``mmsparsevit.models``).
-- ``HOOKS`` and ``TRANSFORMS``: the runtime guards and data checks (``mmsparsevit.engine``).
+- ``HOOKS``: the training and testing guards (``mmsparsevit.engine``).
+- ``TRANSFORMS``: the per-sample data check (``mmsparsevit.datasets``).
 """
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
@@ -20,6 +23,6 @@ HOOKS = Registry(
     'hook', parent=MMENGINE_HOOKS, scope='mmsparsevit', locations=['mmsparsevit.engine'])
 TRANSFORMS = Registry(
     'transform', parent=MMENGINE_TRANSFORMS, scope='mmsparsevit',
-    locations=['mmsparsevit.engine'])
+    locations=['mmsparsevit.datasets'])
 
 __all__ = ['MODELS', 'HOOKS', 'TRANSFORMS']

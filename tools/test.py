@@ -13,16 +13,16 @@ Examples:
 import argparse
 import inspect
 import os.path as osp
+from functools import partial
 from typing import Dict, Optional, Sequence
 
 from mmengine.config import Config, ConfigDict
 from mmengine.registry import HOOKS, METRICS
 
 import mmsparsevit.models  # noqa: F401  registers this package's modules
-from mmsparsevit.apis import ConfigCheckError
-from mmsparsevit.apis.cli import (add_common_args, build_runner, load_config, parse_common,
-                                  run_reporting_input_errors)
-from mmsparsevit.engine import harden_test_config
+from mmsparsevit.runtime import ConfigCheckError, harden_test_config
+from mmsparsevit.runtime.cli import (add_common_args, build_runner, load_config, parse_common,
+                                     run_reporting_input_errors)
 
 # mmdet's dumper stores masks as RLE; mmengine's stores predictions as they are.
 _DUMP_METRIC = {'mmdet': 'DumpDetResults'}
@@ -55,14 +55,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def test_config(args: argparse.Namespace) -> Config:
-    """The config with the checkpoint, the per-sample data checks and the visualisation
-    options applied."""
+    """The config with the checkpoint and the visualisation options applied."""
     if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):
         raise ConfigCheckError(f'checkpoint {args.checkpoint} does not exist')
     cfg = load_config(args)
     if args.tta:
         cfg = with_test_time_augmentation(cfg)
-    cfg = harden_test_config(cfg, allow_partial_checkpoint=args.allow_partial_checkpoint)
     cfg.load_from = args.checkpoint
     if args.show_dir is not None:
         hook = (cfg.get('default_hooks') or {}).get('visualization')
@@ -110,7 +108,8 @@ def _hook_arguments(cfg: Config, hook: Dict) -> Sequence[str]:
 
 
 def test(args: argparse.Namespace) -> Dict:
-    runner = build_runner(test_config(args), 'test')
+    harden = partial(harden_test_config, allow_partial_checkpoint=args.allow_partial_checkpoint)
+    runner = build_runner(test_config(args), 'test', harden)
     if args.out is not None:
         metric_type = _DUMP_METRIC.get(runner.cfg.get('default_scope'), 'DumpResults')
         runner.test_evaluator.metrics.append(

@@ -15,10 +15,9 @@ from mmengine.config import Config
 from mmengine.device import get_device
 
 import mmsparsevit.models  # noqa: F401  registers this package's modules
-from mmsparsevit.apis import ConfigCheckError
-from mmsparsevit.apis.cli import (add_common_args, build_runner, load_config, parse_common,
-                                  run_reporting_input_errors)
-from mmsparsevit.engine import harden_train_config
+from mmsparsevit.runtime import ConfigCheckError, harden_train_config
+from mmsparsevit.runtime.cli import (add_common_args, build_runner, load_config, parse_common,
+                                     run_reporting_input_errors)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -67,7 +66,7 @@ def train_config(args: argparse.Namespace) -> Config:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     run_reporting_input_errors(
-        lambda: build_runner(harden_train_config(train_config(args)), 'train').train())
+        lambda: build_runner(train_config(args), 'train', harden_train_config).train())
 
 
 if __name__ == '__main__':

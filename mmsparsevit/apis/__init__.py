@@ -1,7 +1,8 @@
-from .preflight import (ConfigCheckError, backbone_out_channels, check_backbone_channels,
-                        check_coco_file, check_config, check_dataset, describe_data_error)
+"""Inference API: a config's detector or segmentor with a checkpoint's weights.
 
-__all__ = [
-    'ConfigCheckError', 'backbone_out_channels', 'check_backbone_channels', 'check_coco_file',
-    'check_config', 'check_dataset', 'describe_data_error'
-]
+Layer: above ``engine`` (it checks the checkpoint against the model with its fit check); the
+tools and users import it, no layer below does.
+"""
+from .inference import init_model, load_weights
+
+__all__ = ['init_model', 'load_weights']

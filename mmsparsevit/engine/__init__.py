@@ -1,23 +1,19 @@
-"""Runtime robustness: atomic checkpoints, safe resume, loss and data guards.
+"""Runtime robustness: atomic checkpoints, loss and gradient guards, checkpoint fit.
 
-Importing this package registers the ``local_atomic`` file backend, the hooks
+Importing this package registers the ``local_atomic`` file backend and the hooks
 ``mmsparsevit.NonFiniteLossHook`` / ``mmsparsevit.DataAuditHook`` /
-``mmsparsevit.WeightsMatchHook`` and the transform
-``mmsparsevit.CheckLoadedSample``; :func:`harden_train_config` and
-:func:`harden_test_config` switch them on for a run.
+``mmsparsevit.WeightsMatchHook``; :func:`mmsparsevit.runtime.harden_train_config` and
+:func:`mmsparsevit.runtime.harden_test_config` switch them on for a run.
+
+Layer: may import ``datasets``, ``models`` and ``utils`` (and the ``registry`` leaf); never
+``runtime``.
 """
 from .atomic_io import ATOMIC_BACKEND, AtomicLocalBackend, atomic_write_bytes
-from .data_audit import audit_coco_annotations, audit_dataset
 from .hooks import DataAuditHook, NonFiniteLossError, NonFiniteLossHook, WeightsMatchHook
-from .resume import ResumeError, checkpoint_problem, find_resumable_checkpoint
-from .train_defaults import harden_test_config, harden_train_config
-from .transforms import CheckLoadedSample, DataCheckError
 from .weights_match import WeightsMismatchError, match_checkpoint_to_model
 
 __all__ = [
-    'ATOMIC_BACKEND', 'AtomicLocalBackend', 'atomic_write_bytes', 'audit_coco_annotations',
-    'audit_dataset', 'DataAuditHook', 'NonFiniteLossError', 'NonFiniteLossHook', 'ResumeError',
-    'checkpoint_problem', 'find_resumable_checkpoint', 'harden_test_config', 'harden_train_config',
-    'CheckLoadedSample', 'DataCheckError', 'WeightsMatchHook', 'WeightsMismatchError',
+    'ATOMIC_BACKEND', 'AtomicLocalBackend', 'atomic_write_bytes', 'DataAuditHook',
+    'NonFiniteLossError', 'NonFiniteLossHook', 'WeightsMatchHook', 'WeightsMismatchError',
     'match_checkpoint_to_model'
 ]

@@ -5,7 +5,7 @@ import pytest
 import torch.distributed as torch_dist
 from mmengine.config import Config
 
-from mmsparsevit.apis.cli import run_reporting_input_errors
+from mmsparsevit.runtime.cli import run_reporting_input_errors
 from mmsparsevit.utils.dist import (SLURM_PORT_BASE, SLURM_PORT_SPAN, resolve_dist_backend,
                                     setup_distributed, slurm_master_port)
 

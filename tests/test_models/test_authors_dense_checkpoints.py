@@ -30,7 +30,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from tool_test_utils import load_tool
 
 from mmsparsevit.analysis.transcriptions import PlainLIT, PlainLITTi, PlainVVT
-from mmsparsevit.engine import harden_test_config
+from mmsparsevit.runtime import harden_test_config
 from mmsparsevit.models import convert_dense_checkpoint
 from mmsparsevit.models.backbones import VVT
 from mmsparsevit.utils.state_dict import match_state_dict

@@ -11,8 +11,9 @@ import torch
 from mmengine.config import Config
 from robustness_utils import DET_CONFIG, WritesFile, capture_warnings, load_tool, toy_runner
 
-from mmsparsevit.engine import (ResumeError, atomic_io, atomic_write_bytes,
-                                find_resumable_checkpoint, harden_train_config, resume)
+from mmsparsevit.engine import atomic_io, atomic_write_bytes
+from mmsparsevit.runtime import (ResumeError, cli, find_resumable_checkpoint,
+                                 harden_train_config, resume)
 
 SUBPROCESS_TIMEOUT_S = 120
 
@@ -58,7 +59,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
 
 _KILLED_WRITER = textwrap.dedent('''
     import os, signal, sys
-    from mmsparsevit.engine import atomic_io, resume
+    from mmsparsevit.engine import atomic_io
     from mmengine.fileio import get_file_backend, LocalBackend
 
     def die(descriptor):  # the data is in the temporary file, the rename has not happened
@@ -106,7 +107,7 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_names_it(tmp_path, monke
     _truncate(newer)
     _record_latest(tmp_path, newer)
     assert find_resumable_checkpoint(str(tmp_path)) == str(older)
-    assert logged[0].startswith(f'--resume: skipping {newer}: checkpoint file {newer} is '
+    assert logged[0].startswith(f'--resume: skipping {newer}: checkpoint {newer} is '
                                 'truncated or not a torch checkpoint')
     assert logged[1] == f'--resume: resuming from {older}; skipped the newer but unusable {newer}'
 
@@ -167,12 +168,14 @@ def test_train_tool_runs_every_config_hardened(tmp_path, monkeypatch):
         built.append(cfg)
         raise SystemExit(0)
 
-    monkeypatch.setattr(train_tool, 'build_runner', capture)
+    # build_runner hardens the config, then checks it: capture it there.
+    monkeypatch.setattr(cli, 'check_config', capture)
     with pytest.raises(SystemExit):
         train_tool.main([str(DET_CONFIG), '--work-dir', str(tmp_path)])
     cfg = built[0]
     assert cfg.default_hooks.checkpoint.backend_args == dict(backend='local_atomic')
     assert [hook['type'] for hook in cfg.custom_hooks] == [
-        'mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook']
+        'mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook',
+        'mmsparsevit.WeightsMatchHook']
     assert 'mmsparsevit.engine' in cfg.custom_imports.imports
     assert dict(type='mmsparsevit.CheckLoadedSample') in cfg.train_dataloader.dataset.pipeline

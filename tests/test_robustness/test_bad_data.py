@@ -4,6 +4,7 @@
 Datasets are the demo generator's, copied and then corrupted one way per test. Undecodable
 images through tools/train.py are covered by tests/test_tools/test_tool_input_errors.py.
 """
+import copy
 import json
 import shutil
 from types import SimpleNamespace
@@ -16,8 +17,10 @@ import torch
 from robustness_utils import (DET_CONFIG, SEG_CONFIG, capture_warnings, data_options,
                               fixture_config, make_fixture_data, run_tool)
 
-from mmsparsevit.engine import (DataAuditHook, DataCheckError, audit_coco_annotations, data_audit,
-                                harden_test_config, harden_train_config)
+from mmsparsevit.datasets import DataCheckError, audit_coco_annotations, data_checks
+from mmsparsevit.engine import DataAuditHook
+from mmsparsevit.runtime import (ConfigCheckError, check_config, harden_test_config,
+                                 harden_train_config)
 
 SEG_NUM_CLASSES = 4
 
@@ -82,7 +85,7 @@ def test_dropped_boxes_and_emptied_images_are_reported_by_file(data_root, monkey
     content['annotations'] = [a for a in anns if a['image_id'] != ids[3]] + [zero, partly]
     path.write_text(json.dumps(content))
 
-    logged = capture_warnings(monkeypatch, data_audit)
+    logged = capture_warnings(monkeypatch, data_checks)
     dataset = _build(DET_CONFIG, data_root)
     DataAuditHook().before_train(SimpleNamespace(train_dataloader=SimpleNamespace(
         dataset=dataset)))
@@ -126,8 +129,71 @@ def test_category_outside_the_label_set_stops_with_the_file(data_root):
         "among the file's categories [1, 2, 3]")
 
 
+def _break_category(content):
+    content['annotations'][1]['category_id'] = 7
+
+
+def _break_image_entry(content):
+    del content['images'][2]['height']
+
+
+def _break_annotation_link(content):
+    content['annotations'][0]['image_id'] = 99
+
+
+@pytest.mark.parametrize('break_file, classes', [
+    (_break_category, None),
+    (_break_image_entry, None),
+    (_break_annotation_link, None),
+    (lambda content: None, ['circle', 'hexagon', 'triangle']),
+])
+def test_pre_flight_and_audit_apply_the_same_coco_rules(data_root, break_file, classes):
+    path, content = _coco(data_root)
+    break_file(content)
+    path.write_text(json.dumps(content))
+    options = [f'train_dataloader.dataset.metainfo.classes={classes}'] if classes else []
+    cfg = fixture_config(DET_CONFIG, data_root, *options)
+    with pytest.raises(DataCheckError) as audited:
+        audit_coco_annotations(str(path), img_prefix=str(data_root / 'coco' / 'train'),
+                               classes=classes or ['circle', 'square', 'triangle'])
+    with pytest.raises(ConfigCheckError) as checked:
+        check_config(cfg, 'train')
+    assert str(checked.value) == f'train_dataloader.dataset.ann_file: {audited.value}'
+
+
+def test_wrapped_datasets_are_walked_alike_by_every_check(data_root, monkeypatch, tmp_path):
+    path, content = _coco(data_root)
+    first = content['annotations'][0]
+    content['annotations'].append(_copy_of(first, 1000, area=0.0))
+    path.write_text(json.dumps(content))
+    cfg = fixture_config(DET_CONFIG, data_root)
+    leaf = cfg.train_dataloader.dataset
+    cfg.train_dataloader.dataset = dict(type='RepeatDataset', times=2, dataset=dict(
+        type='ConcatDataset', datasets=[leaf, copy.deepcopy(leaf)]))
+    cfg = harden_train_config(cfg)
+    wrapped = cfg.train_dataloader.dataset
+    for dataset in wrapped.dataset.datasets:
+        types = [t['type'] for t in dataset.pipeline]
+        assert types[types.index('LoadAnnotations') + 1] == 'mmsparsevit.CheckLoadedSample'
+
+    logged = capture_warnings(monkeypatch, data_checks)
+    init_default_scope(cfg.default_scope)
+    DataAuditHook().before_train(SimpleNamespace(train_dataloader=SimpleNamespace(
+        dataset=DATASETS.build(wrapped))))
+    zero_area = [message for message in logged if 'zero area' in message]
+    assert zero_area == [f'{path}: 1 boxes of zero area (or under 1 px) are dropped, in '
+                         f'{_image_file(data_root, content, first["image_id"])}'] * 2
+
+    not_coco = tmp_path / 'labels.json'
+    not_coco.write_text('[]')
+    wrapped.dataset.datasets[1].ann_file = str(not_coco)
+    with pytest.raises(ConfigCheckError, match=r'^train_dataloader\.dataset\.dataset\.'
+                       r'datasets\[1\]\.ann_file: .* is not a COCO annotation file'):
+        check_config(cfg, 'train')
+
+
 def test_audit_of_a_clean_file_is_silent(pristine, monkeypatch):
-    logged = capture_warnings(monkeypatch, data_audit)
+    logged = capture_warnings(monkeypatch, data_checks)
     findings = audit_coco_annotations(
         str(pristine / 'coco' / 'annotations' / 'instances_train.json'), filter_empty_gt=True)
     assert logged == [] and not any(findings.values())
@@ -204,9 +270,10 @@ def test_test_tool_checks_every_sample_it_evaluates(data_root, tmp_path):
     cv2.imwrite(str(seg_map), labels)
     checkpoint = tmp_path / 'untrained.pth'
     torch.save(dict(state_dict={}), checkpoint)
+    # An untrained model: --allow-partial-checkpoint lets the run reach the samples.
     result = run_tool('test.py', [
-        SEG_CONFIG, checkpoint, '--work-dir', tmp_path / 'work', '--cfg-options',
-        *data_options(SEG_CONFIG, data_root)
+        SEG_CONFIG, checkpoint, '--work-dir', tmp_path / 'work', '--allow-partial-checkpoint',
+        '--cfg-options', *data_options(SEG_CONFIG, data_root)
     ])
     assert result.returncode != 0
     assert (f'segmentation map {seg_map} holds labels [8] outside the {SEG_NUM_CLASSES} '

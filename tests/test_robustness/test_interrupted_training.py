@@ -96,7 +96,8 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     resumed = run_tool('train.py', [*_train_args(data_root, work_dir, max_iters=5), '--resume'])
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
-    assert f'--resume: skipping {work_dir / "iter_4.pth"}: checkpoint file' in output
+    torn = work_dir / 'iter_4.pth'
+    assert f'--resume: skipping {torn}: checkpoint {torn} is truncated' in output
     assert f'resuming from {work_dir / "iter_3.pth"}' in output
 
     first_run, second_run = _logged(work_dir)

@@ -10,7 +10,8 @@ from mmengine.config import Config
 from mmengine.structures import BaseDataElement
 from robustness_utils import DistanceRegressor, capture_warnings, toy_runner
 
-from mmsparsevit.engine import NonFiniteLossError, NonFiniteLossHook, harden_train_config
+from mmsparsevit.engine import NonFiniteLossError, NonFiniteLossHook
+from mmsparsevit.runtime import harden_train_config
 from mmsparsevit.engine.hooks import non_finite_loss_hook
 from mmsparsevit.models.backbones.vvt import VVT
 from mmsparsevit.models.layers.vicinity_attention import VicinityAttention

@@ -11,7 +11,8 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 from tool_test_utils import DET_CONFIG, SEG_CONFIG, data_options, load_tool, make_fixture_data
 
-from mmsparsevit.engine import harden_train_config, weights_match
+from mmsparsevit.engine import weights_match
+from mmsparsevit.runtime import harden_train_config
 
 
 @pytest.fixture(scope='module')

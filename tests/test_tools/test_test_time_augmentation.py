@@ -10,7 +10,7 @@ from mmengine.registry import init_default_scope
 from tool_test_utils import DET_CONFIG, REPO_ROOT, SEG_CONFIG, data_options, load_tool, \
     make_fixture_data
 
-from mmsparsevit.apis import ConfigCheckError
+from mmsparsevit.runtime import ConfigCheckError
 
 
 @pytest.fixture(scope='module')

@@ -6,7 +6,7 @@ import pytest
 from tool_test_utils import (DET_CONFIG, SEG_CONFIG, data_options, fixture_config, load_tool,
                              make_fixture_data, run_tool)
 
-from mmsparsevit.apis import ConfigCheckError, check_config
+from mmsparsevit.runtime import ConfigCheckError, check_config
 
 train_tool = load_tool('train.py')
 test_tool = load_tool('test.py')

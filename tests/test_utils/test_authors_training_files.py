@@ -22,7 +22,7 @@ from mmengine.runner import Runner
 from test_lit_reference import randomize_
 
 from mmsparsevit.analysis.transcriptions import PlainLIT, PlainLITTi, PlainVVT
-from mmsparsevit.engine import harden_train_config
+from mmsparsevit.runtime import harden_train_config
 from mmsparsevit.models import LIT, VVT
 from tool_test_utils import DET_CONFIG, load_tool
 

@@ -1,7 +1,7 @@
 """Audit the training annotations once, before the first iteration."""
 from mmengine.hooks import Hook
 
-from ..data_audit import audit_dataset
+from ...datasets.data_checks import audit_dataset
 from ...registry import HOOKS
 
 __all__ = ['DataAuditHook']
@@ -11,7 +11,7 @@ __all__ = ['DataAuditHook']
 class DataAuditHook(Hook):
     """Log what the dataset silently drops and stop on misread annotations.
 
-    See :func:`mmsparsevit.engine.data_audit.audit_coco_annotations`. Runs on every rank, so
+    See :func:`mmsparsevit.datasets.audit_coco_annotations`. Runs on every rank, so
     that all ranks stop together on bad annotations; enabled by ``tools/train.py`` for every
     run.
     """

@@ -50,7 +50,16 @@ class NonFiniteLossHook(Hook):
     scaler skips steps with infinite gradients by design (and lowers the scale).
 
     Enabled by ``tools/train.py`` for every run (see
-    :func:`mmsparsevit.engine.harden_train_config`).
+    :func:`mmsparsevit.runtime.harden_train_config`).
+
+    Why a hook that wraps the optimizer wrapper's ``update_params`` and ``step``, not an
+    ``OptimWrapper`` subclass chosen by ``optim_wrapper.type``: the type is the config's
+    choice (``--amp`` sets it to ``AmpOptimWrapper``, a config may name its own wrapper, and
+    ``OptimWrapperDict`` holds several), and one subclass guards only its own type, so the
+    tools would have to overwrite the type and drop whatever the config chose. Wrapping the
+    built wrappers guards each of them, whichever class it is. The message also needs what
+    only a hook sees: the iteration and epoch, every loss term, the batch's image files and the
+    model's parameter names.
 
     Args:
         action (str): ``'stop'`` or ``'skip'``. Defaults to ``'stop'``.

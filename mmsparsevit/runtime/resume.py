@@ -12,10 +12,9 @@ from typing import List, Optional, Tuple
 
 from mmengine.logging import print_log
 
-from mmsparsevit.apis.preflight import ConfigCheckError
-from mmsparsevit.utils.checkpoint import (CorruptCheckpointError, UnsafeCheckpointError,
-                                          load_from_local)
-from .atomic_io import TEMP_PREFIX
+from ..engine.atomic_io import TEMP_PREFIX
+from ..utils.checkpoint import CorruptCheckpointError, UnsafeCheckpointError, load_from_local
+from .preflight import ConfigCheckError
 
 LAST_CHECKPOINT_FILE = 'last_checkpoint'
 # Keys mmengine's Runner.resume reads from a checkpoint.

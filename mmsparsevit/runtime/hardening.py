@@ -1,11 +1,16 @@
 """The failure behaviour every ``tools/train.py`` and ``tools/test.py`` run gets, applied to
-its config."""
+its config.
+
+Nothing here is hidden from the user: the tools log every change these functions make, as
+config statements, when the run starts (:func:`~.cli.build_runner`).
+"""
 import copy
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from mmengine.config import Config
 
-from .atomic_io import ATOMIC_BACKEND
+from ..datasets.data_checks import leaf_datasets
+from ..engine.atomic_io import ATOMIC_BACKEND
 from .resume import find_resumable_checkpoint
 
 __all__ = ['harden_train_config', 'harden_test_config']
@@ -22,18 +27,6 @@ def _type_name(transform: Any) -> str:
     kind = transform.get('type') if isinstance(transform, dict) else None
     name = kind.__name__ if isinstance(kind, type) else str(kind)
     return name.split('.')[-1]
-
-
-def _datasets(dataset: Any) -> Iterator[dict]:
-    if not isinstance(dataset, dict):
-        return
-    if 'dataset' in dataset:
-        yield from _datasets(dataset['dataset'])
-    elif 'datasets' in dataset:
-        for child in dataset['datasets']:
-            yield from _datasets(child)
-    else:
-        yield dataset
 
 
 def _decode_head(model: dict) -> Optional[dict]:
@@ -68,6 +61,8 @@ def _add_hooks(cfg: Config, hooks: List[dict]) -> None:
 
 
 def _import_engine(cfg: Config) -> None:
+    # Hooks and transforms resolve through the registry's scope, but the local_atomic file
+    # backend does not: a config saved in the work dir must import it to run elsewhere.
     imports = cfg.get('custom_imports') or dict(imports=[], allow_failed_imports=False)
     modules = imports.get('imports', [])
     modules = [modules] if isinstance(modules, str) else list(modules)
@@ -83,8 +78,8 @@ def _add_sample_checks(cfg: Config, phases: Sequence[str]) -> None:
         check.update(num_classes=head['num_classes'], ignore_index=head.get('ignore_index', 255))
     for phase in phases:
         loader = cfg.get(f'{phase}_dataloader')
-        for dataset in _datasets((loader or {}).get('dataset')):
-            if isinstance(dataset.get('pipeline'), (list, tuple)):
+        for _, dataset in leaf_datasets((loader or {}).get('dataset')):
+            if isinstance(dataset, dict) and isinstance(dataset.get('pipeline'), (list, tuple)):
                 dataset['pipeline'] = _with_sample_check(list(dataset['pipeline']), check)
 
 
@@ -103,7 +98,7 @@ def harden_train_config(cfg: Config) -> Config:
       against it; one that fits only partly warns once with the counts (``WeightsMatchHook``
       with ``allow_partial=True``);
     - ``resume=True`` without ``load_from`` resumes from the newest *readable* checkpoint of
-      the work dir (:func:`~mmsparsevit.engine.resume.find_resumable_checkpoint`).
+      the work dir (:func:`~mmsparsevit.runtime.resume.find_resumable_checkpoint`).
 
     Args:
         cfg (Config): A merged training config with ``work_dir`` set; changed in place.

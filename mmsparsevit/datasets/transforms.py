@@ -4,17 +4,13 @@ from typing import Dict, Optional
 import numpy as np
 from mmcv.transforms import BaseTransform
 
-from mmsparsevit.apis.preflight import ConfigCheckError
 from ..registry import TRANSFORMS
+from .data_checks import DataCheckError
 
-__all__ = ['DataCheckError', 'CheckLoadedSample']
+__all__ = ['CheckLoadedSample']
 
 # Distinct bad label values quoted in a message.
 _MAX_QUOTED_VALUES = 10
-
-
-class DataCheckError(ConfigCheckError):
-    """A sample or an annotation file is inconsistent; the message names the file."""
 
 
 @TRANSFORMS.register_module()

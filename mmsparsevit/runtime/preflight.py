@@ -7,21 +7,18 @@ worker or a neck's forward. The checks only use mmengine registries, so they
 serve mmdet and mmseg configs alike (the config's ``default_scope`` decides).
 """
 import inspect
-import json
 import os
 import os.path as osp
 import re
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 from mmengine.registry import DATASETS, MODELS, DefaultScope
 
-# Image entries and annotations sampled for their fields; the lists themselves are all checked.
-_FIELD_SAMPLE = 20
-_COCO_IMAGE_FIELDS = ('id', 'file_name', 'height', 'width')
-_COCO_ANNOTATION_FIELDS = ('id', 'image_id', 'category_id', 'bbox')
+from ..datasets.data_checks import DataCheckError, check_coco_file, leaf_datasets
+
 # Spatial size of the dummy input used to read the backbone's output channels.
 _PROBE_SIZE = 128
 # mmcv's LoadImageFromFile reports an image it could not decode with this message.
@@ -50,7 +47,7 @@ def check_config(cfg: Config, mode: str) -> None:
         for phase in phases:
             loader = cfg.get(f'{phase}_dataloader')
             if loader and loader.get('dataset'):
-                leaves = _leaf_datasets(loader['dataset'], f'{phase}_dataloader.dataset')
+                leaves = leaf_datasets(loader['dataset'], f'{phase}_dataloader.dataset')
                 for key, dataset in leaves:
                     check_dataset(dataset, key, need_annotations=phase != 'test')
             for key, metric in _as_keyed_list(cfg.get(f'{phase}_evaluator'),
@@ -65,17 +62,6 @@ def _as_keyed_list(item: Any, key: str) -> Iterator[Tuple[str, Any]]:
             yield f'{key}[{index}]', element
     elif item:
         yield key, item
-
-
-def _leaf_datasets(dataset: dict, key: str) -> Iterator[Tuple[str, dict]]:
-    """Walk through dataset wrappers (Repeat/Concat/ClassBalanced...) to the real datasets."""
-    if 'dataset' in dataset:
-        yield from _leaf_datasets(dataset['dataset'], f'{key}.dataset')
-    elif 'datasets' in dataset:
-        for child_key, child in _as_keyed_list(dataset['datasets'], f'{key}.datasets'):
-            yield from _leaf_datasets(child, child_key)
-    else:
-        yield key, dataset
 
 
 def _is_remote(path: str, backend_args: Optional[dict]) -> bool:
@@ -113,11 +99,12 @@ def _is_coco_dataset(cls: Optional[type]) -> bool:
     return cls is not None and getattr(cls, 'COCOAPI', None) is not None
 
 
-def _process_rank() -> int:
-    for variable in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK', 'PMI_RANK'):
-        if os.environ.get(variable, '').isdigit():
-            return int(os.environ[variable])
-    return 0
+def _check_coco_file(path: str, key: str, **kwargs) -> None:
+    """:func:`~mmsparsevit.datasets.check_coco_file`, its message prefixed with ``key``."""
+    try:
+        check_coco_file(path, **kwargs)
+    except DataCheckError as err:
+        raise ConfigCheckError(f'{key}: {err}') from None
 
 
 def check_dataset(dataset: dict, key: str, need_annotations: bool = True) -> None:
@@ -132,7 +119,8 @@ def check_dataset(dataset: dict, key: str, need_annotations: bool = True) -> Non
     Raises:
         ConfigCheckError: For a missing ``data_root``, ``ann_file`` or
             ``data_prefix`` folder, an image folder without images, or a COCO
-            dataset whose annotation file is not COCO.
+            dataset whose annotation file breaks a rule of
+            :func:`~mmsparsevit.datasets.check_coco_file`.
     """
     data_root = dataset.get('data_root') or ''
     backend_args = dataset.get('backend_args')
@@ -146,17 +134,19 @@ def check_dataset(dataset: dict, key: str, need_annotations: bool = True) -> Non
         ann_path = _resolve(data_root, ann_file)
         if not osp.isfile(ann_path):
             raise ConfigCheckError(f'{key}.ann_file: annotation file {ann_path} does not exist')
-    for name, prefix in (dataset.get('data_prefix') or {}).items():
+    data_prefix = dataset.get('data_prefix') or {}
+    for name, prefix in data_prefix.items():
         if not prefix:
             continue
         folder = _resolve(data_root, prefix)
         if not osp.isdir(folder):
             raise ConfigCheckError(f'{key}.data_prefix.{name}: folder {folder} does not exist')
-    if _is_coco_dataset(cls) and ann_file and _process_rank() == 0:
+    if _is_coco_dataset(cls) and ann_file:
         metainfo = dataset.get('metainfo') or getattr(cls, 'METAINFO', {})
-        check_coco_file(_resolve(data_root, ann_file), f'{key}.ann_file',
-                        classes=metainfo.get('classes'), need_annotations=need_annotations)
-    img_folder = (dataset.get('data_prefix') or {}).get('img_path')
+        _check_coco_file(_resolve(data_root, ann_file), f'{key}.ann_file',
+                         classes=metainfo.get('classes'), need_annotations=need_annotations,
+                         img_prefix=_resolve(data_root, data_prefix.get('img') or ''))
+    img_folder = data_prefix.get('img_path')
     if img_folder is not None and not ann_file:
         # Segmentation datasets without a split file list their image folder instead.
         suffix = dataset.get('img_suffix') or _init_default(cls, 'img_suffix', '.jpg')
@@ -173,55 +163,6 @@ def _contains_file(folder: str, suffix: str) -> bool:
     return False
 
 
-def check_coco_file(path: str, key: str, classes: Optional[Sequence[str]] = None,
-                    need_annotations: bool = True) -> None:
-    """Check that ``path`` is a COCO annotation file usable by a dataset.
-
-    Args:
-        path (str): The JSON file.
-        key (str): Config key that names the file, used in messages.
-        classes (Sequence[str], optional): Class names the dataset will look
-            up among the file's categories; each must be present, since mmdet
-            silently drops missing names and shifts the labels of the rest.
-            Defaults to None (not checked).
-        need_annotations (bool): Whether an ``annotations`` list is required.
-            Defaults to True.
-
-    Raises:
-        ConfigCheckError: Naming ``key``, ``path`` and what is wrong.
-    """
-    where = f'{key}: {path} is not a COCO annotation file'
-    try:
-        with open(path, encoding='utf-8') as f:
-            content = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigCheckError(f'{where}: it is not valid JSON ({err})') from None
-    if not isinstance(content, dict):
-        raise ConfigCheckError(f'{where}: its top level is a {type(content).__name__}, '
-                               'not an object with "images", "annotations" and "categories"')
-    required = ('images', 'categories')
-    if need_annotations:
-        required = ('images', 'annotations', 'categories')
-    missing = [name for name in required if not isinstance(content.get(name), list)]
-    if missing:
-        raise ConfigCheckError(f'{where}: it has no {", ".join(repr(m) for m in missing)} list '
-                               f'(top-level keys: {sorted(content)[:10]})')
-    for name, fields in (('images', _COCO_IMAGE_FIELDS),
-                         ('annotations', _COCO_ANNOTATION_FIELDS)):
-        for index, entry in enumerate(content.get(name) or []):
-            if index == _FIELD_SAMPLE:
-                break
-            absent = [field for field in fields if field not in entry]
-            if absent:
-                raise ConfigCheckError(f'{where}: {name}[{index}] lacks {absent}')
-    names = [category.get('name') for category in content['categories']]
-    unknown = [name for name in classes or () if name not in names]
-    if unknown:
-        raise ConfigCheckError(
-            f'{key}: {path} has no categories named {unknown[:10]} (it has {names[:10]}); '
-            'set the dataset\'s metainfo.classes to the file\'s category names')
-
-
 def check_metric_annotations(metric: dict, key: str) -> None:
     """Check the ground-truth file an evaluator reads (e.g. CocoMetric's ``ann_file``)."""
     ann_file = metric.get('ann_file') if isinstance(metric, dict) else None
@@ -229,8 +170,8 @@ def check_metric_annotations(metric: dict, key: str) -> None:
         return
     if not osp.isfile(ann_file):
         raise ConfigCheckError(f'{key}.ann_file: annotation file {ann_file} does not exist')
-    if 'coco' in str(metric.get('type', '')).lower() and _process_rank() == 0:
-        check_coco_file(ann_file, f'{key}.ann_file')
+    if 'coco' in str(metric.get('type', '')).lower():
+        _check_coco_file(ann_file, f'{key}.ann_file')
 
 
 def backbone_out_channels(backbone_cfg: dict) -> List[int]:
