@@ -6,7 +6,6 @@ from collections import OrderedDict
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.utils.checkpoint as cp
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
 from mmcv.cnn.bricks.transformer import PatchEmbed
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 
 from mmsparsevit.registry import MODELS
 from mmsparsevit.utils.state_dict import unwrap_state_dict
+from ..layers.checkpointed_block import CheckpointedBlock
 from ..layers.shape_convert import nlc_to_nchw
 from ..layers.vicinity_attention import VicinityAttention
 from .base import ConvertedCheckpoint, SparseViTBackbone
@@ -56,7 +56,7 @@ class VVTFFN(BaseModule):
         return out.transpose(1, 2)
 
 
-class VVTBlock(BaseModule):
+class VVTBlock(CheckpointedBlock):
     """Pre-norm block: vicinity attention then the convolutional FFN.
 
     Args:
@@ -85,8 +85,7 @@ class VVTBlock(BaseModule):
                  act_cfg: dict = dict(type='GELU'),
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
-        self.with_cp = with_cp
+        super().__init__(with_cp=with_cp, init_cfg=init_cfg)
         self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
         self.attn = VicinityAttention(
             embed_dims,
@@ -99,15 +98,10 @@ class VVTBlock(BaseModule):
         self.drop_path = nn.Identity() if drop_path_rate <= 0 else build_dropout(
             dict(type='DropPath', drop_prob=drop_path_rate))
 
-    def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-
-        def _inner_forward(x: Tensor) -> Tensor:
-            x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
-            return x + self.drop_path(self.ffn(self.norm2(x), hw_shape))
-
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(_inner_forward, x, use_reentrant=False)
-        return _inner_forward(x)
+    def block_forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
+        """Tokens (B, N, C) of an (H, W) = ``hw_shape`` map in and out."""
+        x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
+        return x + self.drop_path(self.ffn(self.norm2(x), hw_shape))
 
 
 class VVTStage(BaseModule):

@@ -1,3 +1,4 @@
+from .checkpointed_block import CheckpointedBlock
 from .dtm import DeformableTokenMerging
 from .knn_attention import knn_attention
 from .knn_attention_modules import KNNLITAttention, KNNMultiheadAttention, KNNWindowMSA
@@ -7,6 +8,7 @@ from .shape_convert import nchw_to_nlc, nlc_to_nchw
 from .vicinity_attention import VicinityAttention
 
 __all__ = [
+    'CheckpointedBlock',
     'knn_attention', 'KNNLITAttention', 'KNNMultiheadAttention', 'KNNWindowMSA', 'nchw_to_nlc',
     'nlc_to_nchw',
     'DeformableTokenMerging', 'LITAttention', 'LITAttentionBlock', 'LITMLPBlock',

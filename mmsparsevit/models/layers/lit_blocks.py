@@ -3,12 +3,11 @@
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
 from mmcv.cnn.bricks.transformer import FFN
-from mmengine.model import BaseModule
 
+from .checkpointed_block import CheckpointedBlock
 from .lit_attention import LITAttention
 
 
@@ -25,7 +24,7 @@ def _residual_ffn(embed_dims: int, mlp_ratio: float, drop_rate: float, drop_path
         add_identity=True)
 
 
-class LITMLPBlock(BaseModule):
+class LITMLPBlock(CheckpointedBlock):
     """Pre-norm MLP block without attention: ``x + DropPath(FFN(LN(x)))``.
 
     Args:
@@ -48,22 +47,16 @@ class LITMLPBlock(BaseModule):
                  norm_cfg: dict = dict(type='LN'),
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
-        self.with_cp = with_cp
+        super().__init__(with_cp=with_cp, init_cfg=init_cfg)
         self.norm = build_norm_layer(norm_cfg, embed_dims)[1]
         self.ffn = _residual_ffn(embed_dims, mlp_ratio, drop_rate, drop_path_rate, act_cfg)
 
-    def _inner_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def block_forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """Tokens (B, N, C) in and out; ``hw_shape`` is unused (the uniform block API)."""
         return self.ffn(self.norm(x), identity=x)
 
-    def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
-        """Apply the block to tokens (B, N, C); ``hw_shape`` is unused (uniform block API)."""
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._inner_forward, x, use_reentrant=False)
-        return self._inner_forward(x)
 
-
-class LITAttentionBlock(BaseModule):
+class LITAttentionBlock(CheckpointedBlock):
     """Pre-norm transformer block with global MSA:
     ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(FFN(LN(x)))``.
 
@@ -96,8 +89,7 @@ class LITAttentionBlock(BaseModule):
                  norm_cfg: dict = dict(type='LN'),
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
-        super().__init__(init_cfg=init_cfg)
-        self.with_cp = with_cp
+        super().__init__(with_cp=with_cp, init_cfg=init_cfg)
         self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
         self.attn = LITAttention(
             embed_dims,
@@ -110,12 +102,7 @@ class LITAttentionBlock(BaseModule):
         self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
         self.ffn = _residual_ffn(embed_dims, mlp_ratio, drop_rate, drop_path_rate, act_cfg)
 
-    def _inner_forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+    def block_forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """Tokens (B, N, C) of an (H, W) = ``hw_shape`` map in and out."""
         x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
         return self.ffn(self.norm2(x), identity=x)
-
-    def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
-        """Apply the block to tokens (B, N, C) of an (H, W) = ``hw_shape`` map."""
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._inner_forward, x, hw_shape, use_reentrant=False)
-        return self._inner_forward(x, hw_shape)
