@@ -69,8 +69,7 @@ class VVTBlock(CheckpointedBlock):
         drop_path_rate (float): Stochastic depth rate. Defaults to 0.
         norm_cfg (dict): Norm config. Defaults to dict(type='LN', eps=1e-6).
         act_cfg (dict): Activation config. Defaults to dict(type='GELU').
-        with_cp (bool): Use activation checkpointing. Defaults to False.
-        init_cfg (dict, optional): Initialization config. Defaults to None.
+        with_cp (bool), init_cfg (dict, optional): As for :class:`CheckpointedBlock`.
     """
 
     def __init__(self,

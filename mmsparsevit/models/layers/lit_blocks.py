@@ -32,10 +32,8 @@ class LITMLPBlock(CheckpointedBlock):
         mlp_ratio (float): Hidden channels of the FFN over ``embed_dims``.
         drop_rate (float): Dropout inside the FFN. Defaults to 0.
         drop_path_rate (float): Stochastic depth rate of the residual branch. Defaults to 0.
-        act_cfg (dict): FFN activation. Defaults to ``dict(type='GELU')``.
-        norm_cfg (dict): Norm config. Defaults to ``dict(type='LN')``.
-        with_cp (bool): Checkpoint the block to save memory. Defaults to False.
-        init_cfg (dict, optional): Initialization config. Defaults to None.
+        act_cfg, norm_cfg (dict): FFN activation and norm. Defaults to GELU and LN.
+        with_cp (bool), init_cfg (dict, optional): As for :class:`CheckpointedBlock`.
     """
 
     def __init__(self,
@@ -70,10 +68,8 @@ class LITAttentionBlock(CheckpointedBlock):
         drop_rate (float): Dropout after projections and inside the FFN. Defaults to 0.
         attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
         drop_path_rate (float): Stochastic depth rate of both branches. Defaults to 0.
-        act_cfg (dict): FFN activation. Defaults to ``dict(type='GELU')``.
-        norm_cfg (dict): Norm config. Defaults to ``dict(type='LN')``.
-        with_cp (bool): Checkpoint the block to save memory. Defaults to False.
-        init_cfg (dict, optional): Initialization config. Defaults to None.
+        act_cfg, norm_cfg (dict): FFN activation and norm. Defaults to GELU and LN.
+        with_cp (bool), init_cfg (dict, optional): As for :class:`CheckpointedBlock`.
     """
 
     def __init__(self,
