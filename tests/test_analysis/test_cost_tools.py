@@ -6,10 +6,9 @@ import os.path as osp
 
 import pytest
 
-from mmsparsevit.analysis import (benchmark, build_model, count_parameters, load_model_spec,
-                                  measure_complexity, select_backbone)
-from mmsparsevit.analysis.benchmark import (BenchmarkCase, measure_case, measure_interleaved,
-                                            paired_time_ratio)
+from measure import (benchmark, build_model, count_parameters, load_model_spec, measure_complexity,
+                     select_backbone)
+from measure.benchmark import BenchmarkCase, measure_case, measure_interleaved, paired_time_ratio
 
 TOOLS = osp.join(osp.dirname(__file__), '..', '..', 'tools', 'analysis_tools')
 

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsparsevit.analysis import counting_flops, measure_complexity
-from mmsparsevit.analysis.flop_counter import FlopCounter
+from measure import counting_flops, measure_complexity
+from measure.flop_counter import FlopCounter
 
 
 class SoftmaxAttention(nn.Module):

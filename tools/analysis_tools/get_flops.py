@@ -21,8 +21,8 @@ import json
 
 from mmengine.config import DictAction
 
-from mmsparsevit.analysis import (BACKBONE_PRESETS, build_model, format_count, load_model_spec,
-                                  measure_complexity, select_backbone)
+from measure import (BACKBONE_PRESETS, build_model, format_count, load_model_spec,
+                     measure_complexity, select_backbone)
 
 
 def parse_args(argv=None):

@@ -1,4 +1,10 @@
-"""Cost analysis: exact FLOP counting, model building for the tools, benchmarking."""
+"""What the cost tools of ``tools/analysis_tools`` share: exact FLOP counting, building the
+measured model, benchmarking and the preset backbones.
+
+A helper package of the tools, not part of the installed library: the scripts import it as
+``measure`` (a script's own folder is on ``sys.path``), the tests through a path entry of
+``tests/conftest.py``.
+"""
 from .complexity import Complexity, format_count, measure_complexity
 from .flop_counter import FlopCounter, count_parameters, counting_flops
 from .model_builder import (build_model, is_full_model, load_model_spec, select_backbone,
