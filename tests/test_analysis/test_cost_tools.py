@@ -224,6 +224,20 @@ def test_complexity_curve_flops_only(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_deform_conv_benchmark_compares_both_kernels_at_lit_sizes(tmp_path):
+    pytest.importorskip('mmcv.ops')
+    out = tmp_path / 'deform_conv.json'
+    rows = load_tool('benchmark_deform_conv').main(
+        ['--arch', 'tiny', '--size', '64', '--warmup', '0', '--rounds', '2', '--out-json',
+         str(out)])
+    # LIT-Ti has three DTMs; each in two modes, then one total per mode
+    assert [row['dtm'] for row in rows[:2]] == ['64->128 on 16x16'] * 2
+    assert [row['dtm'] for row in rows[-2:]] == ['all DTMs'] * 2 and len(rows) == 8
+    assert all(row['ratio'] > 0 and row['mmcv_ms'] > 0 for row in rows)
+    assert all(row['output'] < 1e-5 and row['grad_offset'] < 1e-5 for row in rows[:-2])
+    assert json.loads(out.read_text())['rows'] == rows
+
+
 @pytest.mark.slow
 def test_complexity_curve_measured(tmp_path):
     load_tool('complexity_curve').main([
