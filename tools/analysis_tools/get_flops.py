@@ -1,11 +1,13 @@
 r"""Parameters and FLOPs of a backbone or a detector/segmentor.
 
-One multiply-add is one FLOP. Counted: convolutions, deformable convolutions (as
+One multiply-add is one FLOP. Counted: convolutions, torchvision deformable convolutions (as
 convolutions), linear layers and every matrix product, so attention matrix products
 (softmax, vicinity/linear and k-NN attention) are included; normalisation, softmax,
 activations and other element-wise ops are not (``--convention fvcore`` adds fvcore's
 estimates for norms, up-sampling and pooling). Full models run in ``mode='tensor'``
-(backbone, neck, heads; no data preprocessor or post-processing).
+(backbone, neck, heads; no data preprocessor or post-processing). Counting is torch's
+``FlopCounterMode`` (see measure/flops.py); mmcv's deformable convolutions are invisible to it
+and are named in a warning, not counted.
 
 Examples::
 

@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from mmengine.logging import print_log
 
-from .flop_counter import count_parameters
+from .flops import count_parameters
 from .model_builder import (build_model, forward_fn, load_model_spec, select_backbone, sum_outputs,
                             synthetic_batch)
 from .pairs import build_pair
