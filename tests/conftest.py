@@ -10,10 +10,14 @@ import pytest
 
 # Test helper modules (tool_test_utils, test_lit_reference, ...) are imported by tests of
 # other folders; put their folders on the path once, independent of collection order.
+# tools/analysis_tools holds the cost tools' helper packages ``measure`` and
+# ``transcriptions`` (the plain transcriptions the faithfulness tests compare against), which
+# are not part of the installed package.
 _TESTS = Path(__file__).resolve().parent
-for _folder in ('test_tools', 'test_models'):
-    if str(_TESTS / _folder) not in sys.path:
-        sys.path.insert(0, str(_TESTS / _folder))
+for _folder in (_TESTS / 'test_tools', _TESTS / 'test_models',
+                _TESTS.parent / 'tools' / 'analysis_tools'):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 
 class CheckpointServer:

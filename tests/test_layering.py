@@ -15,8 +15,6 @@ ALLOWED = {
     'engine': {'datasets', 'models', 'utils'},
     'apis': {'engine', 'models', 'utils'},
     'runtime': {'apis', 'engine', 'datasets', 'models', 'utils'},
-    # Cost measurement, on its way out of the package; it measures models.
-    'analysis': {'models', 'utils'},
     '__init__': {'utils'},
     **{leaf: set() for leaf in LEAVES},
 }

@@ -3,17 +3,12 @@ import csv
 import importlib.util
 import json
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
-import torch
 
-from mmsparsevit.analysis import (build_model, count_parameters, load_model_spec,
-                                  measure_complexity, select_backbone)
-from mmsparsevit.analysis import benchmark
-from mmsparsevit.analysis.benchmark import (BenchmarkCase, PeakMemoryProbe, measure_case,
-                                            measure_interleaved, paired_time_ratio)
+from measure import (benchmark, build_model, count_parameters, load_model_spec, measure_complexity,
+                     select_backbone)
+from measure.benchmark import BenchmarkCase, measure_case, measure_interleaved, paired_time_ratio
 
 TOOLS = osp.join(osp.dirname(__file__), '..', '..', 'tools', 'analysis_tools')
 
@@ -129,16 +124,6 @@ def test_baselines_match_published_figures(name, flops, params):
     assert result.params / 1e6 < params
 
 
-def test_memory_probe_sees_a_known_allocation():
-    probe = PeakMemoryProbe(torch.device('cpu'))
-    probe.start()
-    block = torch.ones(48 * 2**20 // 4)  # 48 MiB, touched
-    peak, extra = probe.stop()
-    del block
-    assert probe.method.startswith('cpu VmHWM')
-    assert 47 <= extra <= 60 and peak > extra
-
-
 def test_measure_case_in_process_reports_medians_and_memory():
     row = measure_case(
         BenchmarkCase(
@@ -215,7 +200,6 @@ def test_benchmark_tool_runs_cases_in_subprocesses(tmp_path):
         (config, 64, 96, ''), (TINY_RESNET, 64, 96, '')]
     assert all(row['median_ms'] > 0 for row in rows)
     assert rows[0]['params'] > rows[1]['params']  # the segmentor adds neck and head
-    assert rows[1]['mem_method'].startswith('cpu VmHWM')
     with open(out + '.csv') as file:
         assert [float(row['median_ms']) for row in csv.DictReader(file)] == [
             row['median_ms'] for row in rows]
@@ -240,6 +224,20 @@ def test_complexity_curve_flops_only(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_deform_conv_benchmark_compares_both_kernels_at_lit_sizes(tmp_path):
+    pytest.importorskip('mmcv.ops')
+    out = tmp_path / 'deform_conv.json'
+    rows = load_tool('benchmark_deform_conv').main(
+        ['--arch', 'tiny', '--size', '64', '--warmup', '0', '--rounds', '2', '--out-json',
+         str(out)])
+    # LIT-Ti has three DTMs; each in two modes, then one total per mode
+    assert [row['dtm'] for row in rows[:2]] == ['64->128 on 16x16'] * 2
+    assert [row['dtm'] for row in rows[-2:]] == ['all DTMs'] * 2 and len(rows) == 8
+    assert all(row['ratio'] > 0 and row['mmcv_ms'] > 0 for row in rows)
+    assert all(row['output'] < 1e-5 and row['grad_offset'] < 1e-5 for row in rows[:-2])
+    assert json.loads(out.read_text())['rows'] == rows
+
+
 @pytest.mark.slow
 def test_complexity_curve_measured(tmp_path):
     load_tool('complexity_curve').main([
@@ -252,47 +250,3 @@ def test_complexity_curve_measured(tmp_path):
     assert len(measured) == 1 and float(measured[0]['median_ms']) > 0
     for name in ('latency.png', 'memory.png'):
         assert (tmp_path / name).stat().st_size > 1000
-
-
-FAULTS_OF_FRESH_BLOCKS = """
-import ctypes, resource, sys
-from mmsparsevit.analysis.benchmark import retain_freed_memory
-libc = ctypes.CDLL('libc.so.6')
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-if sys.argv[1] == 'retain':
-    assert retain_freed_memory()
-size = 8 * 2**20
-
-
-def one_pass():  # what a layer does with its temporaries: 4 x 8 MiB live together, then freed
-    blocks = [libc.malloc(size) for _ in range(4)]
-    for block in blocks:
-        libc.memset(block, 1, size)
-    for block in blocks:
-        libc.free(block)
-
-
-for _ in range(2):
-    one_pass()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    one_pass()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def test_retained_memory_is_not_page_faulted_again():
-    faults = {
-        mode: int(
-            subprocess.run([sys.executable, '-c', FAULTS_OF_FRESH_BLOCKS, mode],
-                           capture_output=True, text=True, check=True).stdout.split()[-1])
-        for mode in ('default', 'retain')
-    }
-    # malloc itself, not torch's allocator, whose heap use varies with what was imported.
-    # glibc's defaults give the 32 MiB back and fault it in again every pass (81,600 of the
-    # 81,920 pages of 10 passes here); retained, the pages are reused.
-    pages = 10 * 4 * 8 * 2**20 // 4096
-    assert faults['default'] > 0.9 * pages and faults['retain'] < 0.01 * pages, faults

@@ -6,7 +6,7 @@ The authors counted with fvcore (norms at 5 FLOPs per element) on ImageNet model
 """
 import pytest
 
-from mmsparsevit.analysis import build_model, load_model_spec, measure_complexity
+from measure import build_model, load_model_spec, measure_complexity
 
 # name: (parameters without head, FLOPs in G as printed, last-stage channels)
 AUTHORS = {'vvt-t': (12_369_440, 3.00, 512), 'lit-s': (27_204_720, 4.09, 768)}

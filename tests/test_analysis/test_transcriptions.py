@@ -6,11 +6,10 @@ import pytest
 import torch
 from test_cost_tools import load_tool
 
-from mmsparsevit.analysis.benchmark import BenchmarkCase, measure_case
-from mmsparsevit.analysis.transcriptions import (TRANSCRIBED, build_pair,
-                                                 mask_scatter_knn_attention,
-                                                 plain_knn_backbone)
+from measure.benchmark import BenchmarkCase, measure_case
+from measure.pairs import TRANSCRIBED, build_pair
 from mmsparsevit.models.layers.knn_attention import knn_attention
+from transcriptions import mask_scatter_knn_attention, plain_knn_backbone
 
 
 @pytest.mark.parametrize('name', ['vvt-t', 'lit-ti', 'lit-s', 'kvt-swin-t', 'kvt-pvtv2-b2'])

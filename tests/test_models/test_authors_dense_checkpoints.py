@@ -29,12 +29,11 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import CheckpointLoader
 from tool_test_utils import load_tool
 
-from mmsparsevit.analysis.transcriptions import PlainLIT, PlainLITTi, PlainVVT
-from mmsparsevit.runtime import harden_test_config
 from mmsparsevit.models import convert_dense_checkpoint
 from mmsparsevit.models.backbones import VVT
+from mmsparsevit.runtime import harden_test_config
 from mmsparsevit.utils.state_dict import match_state_dict
-
+from transcriptions import PlainLIT, PlainLITTi, PlainVVT
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / 'configs'

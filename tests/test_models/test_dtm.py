@@ -1,10 +1,44 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
+"""Deformable Token Merging against two oracles: a strided convolution (zero offsets) and
+mmcv's ``DeformConv2d`` plus the bias (learned offsets), the kernel DTM ran on before
+torchvision's ``deform_conv2d``."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
 from mmsparsevit.models.layers import DeformableTokenMerging
+
+# Both kernels sample the same bilinear points and sum the same products, in different orders
+# (the input gradient is scattered back column by column): they differ by rounding only,
+# measured at 6 eps (float32) and 4.5 eps (float64) of the largest value. 64 eps leaves a
+# tenfold margin while a wrong sampling point, border rule or offset layout moves values by
+# 1e-2 or more.
+ROUNDING = {torch.float32: 64 * torch.finfo(torch.float32).eps,
+            torch.float64: 64 * torch.finfo(torch.float64).eps}
+
+
+@pytest.fixture
+def mmcv_deform_conv():
+    """``deform_conv(x, offset, weight, bias, **conv_args) -> (out, mmcv_weight)``: mmcv's
+    ``DeformConv2d`` holding a copy of ``weight``, plus ``bias`` (mmcv's op has none).
+    Skipped where mmcv's compiled ops are missing."""
+    ops = pytest.importorskip('mmcv.ops')
+
+    def deform_conv(x, offset, weight, bias, stride=1, padding=0, dilation=1):
+        layer = ops.DeformConv2d(weight.shape[1], weight.shape[0], tuple(weight.shape[2:]),
+                                 stride=stride, padding=padding, dilation=dilation,
+                                 bias=False).to(weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        return layer(x, offset) + bias.view(1, -1, 1, 1), layer.weight
+
+    return deform_conv
+
+
+def assert_rounding_close(actual, expected):
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert error <= ROUNDING[expected.dtype], error
 
 
 def _integer_valued_(dtm, gen):
@@ -28,32 +62,59 @@ def test_zero_offsets_equal_a_strided_conv_exactly():
     assert merged.shape == (3, 10, 5, 7)
 
 
-def test_learned_offsets_match_torchvision_deform_conv():
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('stride,padding,dilation,kernel', [(2, 0, 1, 2), (1, 1, 2, 3)])
+def test_torchvision_deform_conv2d_equals_mmcv_plus_bias(mmcv_deform_conv, dtype, stride,
+                                                         padding, dilation, kernel):
+    """The op DTM runs on against mmcv's, outputs and all four gradients: DTM's own sizes
+    (k = stride = 2) and a padded, dilated 3 x 3 case; offsets of up to several pixels send
+    samples across the borders."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 13, 18, generator=gen, dtype=dtype)
+    weight = torch.randn(24, 16, kernel, kernel, generator=gen, dtype=dtype) / 8
+    bias = torch.randn(24, generator=gen, dtype=dtype)
+    out_hw = [(side + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+              for side in (13, 18)]
+    offset = 2 * torch.randn(2, 2 * kernel**2, *out_hw, generator=gen, dtype=dtype)
+    operands = [tensor.requires_grad_() for tensor in (x, offset, weight, bias)]
+    conv_args = dict(stride=stride, padding=padding, dilation=dilation)
+    out = tv_deform_conv2d(*operands[:2], weight, bias, **conv_args)
+    expected, mmcv_weight = mmcv_deform_conv(*operands, **conv_args)
+    assert out.shape == expected.shape == (2, 24, *out_hw)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=dtype)
+    grads = torch.autograd.grad(out, operands, grad_out)
+    expected_grads = torch.autograd.grad(expected, [x, offset, mmcv_weight, bias], grad_out)
+    for actual, reference in zip((out, ) + grads, (expected, ) + expected_grads):
+        assert_rounding_close(actual, reference)
+
+
+def test_learned_offsets_match_mmcv_deform_conv(mmcv_deform_conv):
     torch.manual_seed(0)
     dtm = DeformableTokenMerging(4, 8).eval()
     torch.nn.init.normal_(dtm.conv_offset.weight, std=0.5)
     torch.nn.init.normal_(dtm.conv_offset.bias, std=0.5)
     x = torch.randn(2, 4, 9, 12)  # odd height: the last row is not merged, as a strided conv
-    merged, offsets = dtm.forward_with_offsets(x)
-    assert offsets.shape == (2, 8, 4, 6) and offsets.abs().min() > 0
-    expected = tv_deform_conv2d(x, offsets, dtm.weight, dtm.bias, stride=2)
-    torch.testing.assert_close(dtm.deform_conv(x, offsets), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(merged, F.gelu(dtm.norm(expected)), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        merged, offsets = dtm.forward_with_offsets(x)
+        expected, _ = mmcv_deform_conv(x, offsets, dtm.weight, dtm.bias, stride=2)
+        assert offsets.shape == (2, 8, 4, 6) and offsets.abs().min() > 0
+        assert_rounding_close(dtm.deform_conv(x, offsets), expected)
+        torch.testing.assert_close(merged, F.gelu(dtm.norm(expected)), rtol=1e-5, atol=1e-5)
 
 
-def test_backward_matches_torchvision_and_reaches_offsets():
+def test_backward_matches_mmcv_and_reaches_offsets(mmcv_deform_conv):
     torch.manual_seed(0)
     dtm = DeformableTokenMerging(3, 5).double()
     torch.nn.init.normal_(dtm.conv_offset.weight, std=0.3)
     x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
-    offsets = dtm.conv_offset(x)
-    grads = torch.autograd.grad(dtm.deform_conv(x, offsets).square().sum(),
+    grads = torch.autograd.grad(dtm.deform_conv(x, dtm.conv_offset(x)).square().sum(),
                                 (x, dtm.weight, dtm.bias, dtm.conv_offset.weight))
-    expected = torch.autograd.grad(
-        tv_deform_conv2d(x, dtm.conv_offset(x), dtm.weight, dtm.bias, stride=2).square().sum(),
-        (x, dtm.weight, dtm.bias, dtm.conv_offset.weight))
+    expected, mmcv_weight = mmcv_deform_conv(x, dtm.conv_offset(x), dtm.weight, dtm.bias,
+                                             stride=2)
+    expected = torch.autograd.grad(expected.square().sum(),
+                                   (x, mmcv_weight, dtm.bias, dtm.conv_offset.weight))
     for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+        assert_rounding_close(got, want)
     assert grads[3].abs().sum() > 0
 
 

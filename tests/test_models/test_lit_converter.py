@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_lit_reference import load_ours, randomize_
 
-from mmsparsevit.analysis.transcriptions import PlainLIT, PlainLITTi
 from mmsparsevit.models.backbones import LIT
 from mmsparsevit.models.backbones.lit import convert_lit_checkpoint
+from transcriptions import PlainLIT, PlainLITTi
 
 REPO = Path(__file__).resolve().parents[2]
 MINI_REF = dict(dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), heads=(1, 2, 3, 4),

@@ -1,7 +1,7 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """Faithfulness of LIT to the authors' models, and helpers other LIT test files import.
 
-The references are ``PlainLIT`` / ``PlainLITTi`` (mmsparsevit.analysis.transcriptions), written
+The references are ``PlainLIT`` / ``PlainLITTi`` (tools/analysis_tools/transcriptions), written
 from the method's equations with the official parameter names and shapes (zhuang-group/LIT:
 ``LIT`` / ``LIT_Ti`` of the mmdet/mmseg backbones, the ImageNet ``lit_s/m/b`` and ``lit_ti``
 classifiers). They share no code with the backbone: deformable sampling comes from
@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmsparsevit.analysis.transcriptions import PlainLIT, PlainLITTi
 from mmsparsevit.models.backbones import LIT
+from transcriptions import PlainLIT, PlainLITTi
 
 # Published parameter counts of the ImageNet models without the 1000-class head.
 PUBLISHED_WITHOUT_HEAD = {'tiny': 19_373_272, 'small': 27_204_720, 'medium': 48_603_264,

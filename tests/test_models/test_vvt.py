@@ -1,6 +1,6 @@
 """VVT backbone: presets, contract, errors, checkpoint conversion and faithfulness.
 
-Faithfulness is checked against ``PlainVVT`` (mmsparsevit.analysis.transcriptions), an
+Faithfulness is checked against ``PlainVVT`` (tools/analysis_tools/transcriptions), an
 independent transcription of the authors' model (OpenNLPLab/Vicinity-Vision-Transformer,
 classification/vvt.py) that shares no code with the backbone and uses their parameter names,
 so its state dict has the official checkpoint layout.
@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from mmsparsevit.analysis.transcriptions import PlainVVT
 from mmsparsevit.models import VVT
 from mmsparsevit.models.backbones.vvt import convert_vvt_checkpoint
 from mmsparsevit.registry import MODELS
+from transcriptions import PlainVVT
 
 SMALL_ARCH = dict(
     embed_dims=(16, 24, 32, 48), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 3),

@@ -20,11 +20,11 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 from test_lit_reference import randomize_
-
-from mmsparsevit.analysis.transcriptions import PlainLIT, PlainLITTi, PlainVVT
-from mmsparsevit.runtime import harden_train_config
-from mmsparsevit.models import LIT, VVT
 from tool_test_utils import DET_CONFIG, load_tool
+
+from mmsparsevit.models import LIT, VVT
+from mmsparsevit.runtime import harden_train_config
+from transcriptions import PlainLIT, PlainLITTi, PlainVVT
 
 VVT_ARCH = VVT.arch_zoo['tiny']  # a preset: the converter checks against the one it matches
 LIT_REF = dict(dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), heads=(1, 2, 3, 4),

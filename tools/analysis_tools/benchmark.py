@@ -6,7 +6,7 @@ backbone presets can be given at once; one table and one CSV/JSON cover them all
 
 Peak memory: on CPU the process's resident-set high-water mark during the passes (reset with
 /proc/self/clear_refs after the model is built), on CUDA ``max_memory_allocated``; see
-mmsparsevit/analysis/benchmark.py.
+measure/benchmark.py.
 
 Examples::
 
@@ -25,8 +25,8 @@ import os
 
 from mmengine.config import DictAction
 
-from mmsparsevit.analysis import BACKBONE_PRESETS
-from mmsparsevit.analysis.benchmark import MODES, TIMERS, BenchmarkCase, run_case_in_subprocess
+from measure import BACKBONE_PRESETS
+from measure.benchmark import MODES, TIMERS, BenchmarkCase, run_case_in_subprocess
 
 COLUMNS = ('label', 'mode', 'device', 'batch_size', 'height', 'width', 'threads', 'timer',
            'params',

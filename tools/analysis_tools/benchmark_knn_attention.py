@@ -46,9 +46,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from mmsparsevit.analysis.benchmark import PeakMemoryProbe
-from mmsparsevit.analysis.transcriptions import mask_scatter_knn_attention
+from measure.benchmark import PeakMemoryProbe
 from mmsparsevit.models.layers.knn_attention import knn_attention, resolve_topk
+from transcriptions import mask_scatter_knn_attention
 
 METHODS = ('knn', 'mask_scatter', 'dense', 'sdpa')
 
@@ -279,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             chunk_size=args.chunk_size,
             memory_method=('cuda max_memory_allocated' if args.device.startswith('cuda') else
                            'VmHWM - VmRSS of one pass in a fresh process, glibc mmap '
-                           'threshold 64 KiB (mmsparsevit.analysis.benchmark.PeakMemoryProbe)'))
+                           'threshold 64 KiB (measure.benchmark.PeakMemoryProbe)'))
         with open(args.out + '.json', 'w') as json_file:
             json.dump(dict(meta=meta, results=rows, checks=checks), json_file, indent=2)
 

@@ -10,7 +10,7 @@ r"""The performance targets, measured side by side in one run.
    authors' mask-and-scatter formulation (forward + backward). Runs
    ``benchmark_knn_attention.py``.
 3. Whole backbones: ours at most 10 % slower than a plain PyTorch transcription of the same
-   math (:mod:`mmsparsevit.analysis.transcriptions`) with the same weights; speedups are
+   math (:mod:`transcriptions`) with the same weights; speedups are
    reported where ours is faster. Before timing, the two are checked to compute the same
    function (max relative error of the stage outputs). Each (backbone, input, mode) runs
    in a fresh process that holds both models and times them pass by pass, alternating
@@ -37,9 +37,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from mmsparsevit.analysis.benchmark import (IMPLEMENTATIONS, TIMERS, BenchmarkCase,
-                                            paired_time_ratio, run_interleaved_in_subprocess)
-from mmsparsevit.analysis.transcriptions import TRANSCRIBED, build_pair
+from measure.benchmark import (IMPLEMENTATIONS, TIMERS, BenchmarkCase, paired_time_ratio,
+                               run_interleaved_in_subprocess)
+from measure.pairs import TRANSCRIBED, build_pair
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 LINEAR_GROWTH_LIMIT = 4.5

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from mmsparsevit.analysis.benchmark import retain_freed_memory, time_in_turns
+from measure.benchmark import retain_freed_memory, time_in_turns
 from mmsparsevit.models.backbones.vvt import VVT
 from mmsparsevit.models.layers import VicinityAttention
 
@@ -285,7 +285,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--retain-freed-memory', action='store_true',
         help="keep freed memory in the process (glibc mallopt), so that large tensors are not "
-        'page-faulted anew every pass; see mmsparsevit.analysis.benchmark.retain_freed_memory')
+        'page-faulted anew every pass; see measure.benchmark.retain_freed_memory')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--repeat', type=int, default=7)
     parser.add_argument(

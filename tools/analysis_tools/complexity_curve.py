@@ -24,10 +24,9 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mmsparsevit.analysis import (BACKBONE_PRESETS, CURVE_PRESETS, build_model,  # noqa: E402
-                                  load_model_spec, measure_complexity)
-from mmsparsevit.analysis.benchmark import (TIMERS, BenchmarkCase,  # noqa: E402
-                                            run_case_in_subprocess)
+from measure import (BACKBONE_PRESETS, CURVE_PRESETS, build_model, load_model_spec,  # noqa: E402
+                     measure_complexity)
+from measure.benchmark import TIMERS, BenchmarkCase, run_case_in_subprocess  # noqa: E402
 
 DEFAULT_SIZES = (224, 384, 512, 768, 1024, 1280, 1536)
 

@@ -1,11 +1,13 @@
 r"""Parameters and FLOPs of a backbone or a detector/segmentor.
 
-One multiply-add is one FLOP. Counted: convolutions, deformable convolutions (as
+One multiply-add is one FLOP. Counted: convolutions, torchvision deformable convolutions (as
 convolutions), linear layers and every matrix product, so attention matrix products
 (softmax, vicinity/linear and k-NN attention) are included; normalisation, softmax,
 activations and other element-wise ops are not (``--convention fvcore`` adds fvcore's
 estimates for norms, up-sampling and pooling). Full models run in ``mode='tensor'``
-(backbone, neck, heads; no data preprocessor or post-processing).
+(backbone, neck, heads; no data preprocessor or post-processing). Counting is torch's
+``FlopCounterMode`` (see measure/flops.py); mmcv's deformable convolutions are invisible to it
+and are named in a warning, not counted.
 
 Examples::
 
@@ -21,8 +23,8 @@ import json
 
 from mmengine.config import DictAction
 
-from mmsparsevit.analysis import (BACKBONE_PRESETS, build_model, format_count, load_model_spec,
-                                  measure_complexity, select_backbone)
+from measure import (BACKBONE_PRESETS, build_model, format_count, load_model_spec,
+                     measure_complexity, select_backbone)
 
 
 def parse_args(argv=None):

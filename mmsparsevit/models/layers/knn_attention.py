@@ -20,6 +20,7 @@ deterministic and independent of the key order, and equals the authors' wherever
 largest logit is unique.
 """
 import math
+from contextlib import nullcontext
 from numbers import Integral, Real
 from typing import Optional, Sequence, Tuple, Union
 
@@ -249,7 +250,9 @@ class _KNNAttentionFunction(torch.autograd.Function):
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast would give a matmul on ``device_type``, or None if it is off."""
-    if not torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta, used for shape-only FLOP counting) make the query raise.
+    if not (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
         return None
     return torch.get_autocast_dtype(device_type)
 
@@ -334,7 +337,9 @@ def knn_attention(query: Tensor,
     dropout_seed = 0
     if dropout_p > 0:
         dropout_seed = int(torch.randint(0, 2**62, (1, )).item())
-    with torch.autocast(device_type, enabled=False):
+    no_autocast = (torch.autocast(device_type, enabled=False)
+                   if torch.amp.is_autocast_available(device_type) else nullcontext())
+    with no_autocast:
         return _KNNAttentionFunction.apply(query, key, value, attn_bias, attn_mask, k,
                                            float(scale), chunk_rows, float(dropout_p),
                                            dropout_seed)

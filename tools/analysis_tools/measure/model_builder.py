@@ -7,7 +7,7 @@ neck and heads, without the data preprocessor or post-processing). Sources:
 * a config file with ``model=dict(...)`` (detector, segmentor or a backbone dict) or a
   top-level ``backbone=dict(...)``; the config's ``default_scope`` decides which toolbox
   builds it;
-* a backbone spec: a preset name of :mod:`mmsparsevit.analysis.presets` or a dict literal
+* a backbone spec: a preset name of :mod:`measure.presets` or a dict literal
   such as ``"dict(type='mmsparsevit.VVT', arch='small')"``.
 
 mmdet/mmseg are reached only through mmengine's registry (by scope), never imported here.

@@ -10,10 +10,8 @@ from torch import nn
 
 from mmsparsevit.models.backbones.lit import LIT, convert_lit_checkpoint
 from mmsparsevit.models.backbones.vvt import VVT, convert_vvt_checkpoint
-from ..model_builder import build_model, load_model_spec
-from .kvt import plain_knn_backbone
-from .lit import PlainLIT, PlainLITTi
-from .vvt import PlainVVT
+from transcriptions import PlainLIT, PlainLITTi, PlainVVT, plain_knn_backbone
+from .model_builder import build_model, load_model_spec
 
 Pair = Tuple[nn.Module, nn.Module]
 

@@ -8,14 +8,16 @@ serve two purposes:
 * **reference**: their state dicts have the official checkpoint layout, so the tests load
   them into our backbones through the converters and require equal outputs;
 * **baseline**: ``tools/analysis_tools/benchmark_targets.py`` times our backbones against
-  them (the "no more than 10 % slower than a plain transcription" target).
+  them (the "no more than 10 % slower than a plain transcription" target; the pairs with
+  shared weights are built by ``measure.pairs``).
+
+They live beside the tools, outside the installed package: the tests reach them through a
+path entry of ``tests/conftest.py``, the tools because a script's folder is on ``sys.path``.
 """
 from .kvt import mask_scatter_knn_attention, plain_knn_backbone
 from .lit import PlainLIT, PlainLITTi
-from .pairs import TRANSCRIBED, build_pair
 from .vvt import PlainVVT
 
 __all__ = [
-    'PlainLIT', 'PlainLITTi', 'PlainVVT', 'TRANSCRIBED', 'build_pair',
-    'mask_scatter_knn_attention', 'plain_knn_backbone'
+    'PlainLIT', 'PlainLITTi', 'PlainVVT', 'mask_scatter_knn_attention', 'plain_knn_backbone'
 ]

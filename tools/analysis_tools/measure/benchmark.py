@@ -44,14 +44,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from mmengine.logging import print_log
 
-from .flop_counter import count_parameters
-from .model_builder import (build_model, forward_fn, load_model_spec, select_backbone,
-                            sum_outputs, synthetic_batch)
-from .transcriptions.pairs import build_pair
+from .flops import count_parameters
+from .model_builder import (build_model, forward_fn, load_model_spec, select_backbone, sum_outputs,
+                            synthetic_batch)
+from .pairs import build_pair
 
 MODES = ('inference', 'train')
 TIMERS = ('wall', 'cpu')
 IMPLEMENTATIONS = ('ours', 'plain')
+
+_TOOLS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO_ROOT = os.path.dirname(os.path.dirname(_TOOLS_DIR))
 
 
 @dataclass
@@ -77,7 +80,7 @@ class BenchmarkCase:
         timer (str): 'wall' or 'cpu' (process CPU time; needs ``device='cpu'`` and
             ``threads=1``). Defaults to 'wall'.
         implementation (str, optional): 'ours' or 'plain': measure ``backbone`` (a preset of
-            :mod:`mmsparsevit.analysis.transcriptions.pairs`) as built for the comparison with
+            :mod:`measure.pairs`) as built for the comparison with
             its plain transcription, or that transcription. Defaults to None (the model as
             the config or preset builds it).
     """
@@ -424,10 +427,11 @@ def _run_worker(payload: Any, timeout: Optional[float]) -> Any:
         with open(spec_path, 'w') as file:
             json.dump(payload, file)
         command = [sys.executable, '-m', __name__, spec_path, result_path]
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
         env = dict(os.environ)
+        # The worker imports this package and its sibling ``transcriptions`` from the tools'
+        # folder, and mmsparsevit from the checkout the tools belong to.
         env['PYTHONPATH'] = os.pathsep.join(
-            filter(None, [package_root, env.get('PYTHONPATH')]))
+            filter(None, [_TOOLS_DIR, _REPO_ROOT, env.get('PYTHONPATH')]))
         try:
             completed = subprocess.run(
                 command, timeout=timeout, stderr=subprocess.PIPE, text=True, env=env)
