@@ -41,28 +41,28 @@ class _Conversion(NamedTuple):
 
     # The backbone's stages, in order: a per-stage topk list is matched against them.
     stages: Callable[[nn.Module], List[nn.Module]]
-    # Qualified name of the attention class replaced. Names, not classes, so that mmdet and
+    # Qualified name of each attention class replaced -> the k-NN class built as
+    # knn_class(module, topk, chunk_size) in its place. Names, not classes, so that mmdet and
     # mmseg are not imported here; exact names, so that a subclass, which may compute
     # attention differently, is left alone.
-    attention: str
-    # Built as knn_class(module, topk, chunk_size) in place of each such module.
-    knn_class: Type[nn.Module]
+    replacements: Dict[str, Type[nn.Module]]
 
 
-_MHA = _Conversion(_pyramid_stages, _qualified_name(nn.MultiheadAttention), KNNMultiheadAttention)
+_MHA = _Conversion(_pyramid_stages,
+                   {_qualified_name(nn.MultiheadAttention): KNNMultiheadAttention})
 
 # Qualified backbone class name -> its conversion. Checked on the class the inner config
 # resolves to, before it is built.
 SUPPORTED_BACKBONES: Dict[str, _Conversion] = {
     'mmdet.models.backbones.swin.SwinTransformer': _Conversion(
-        _stages, 'mmdet.models.backbones.swin.WindowMSA', KNNWindowMSA),
+        _stages, {'mmdet.models.backbones.swin.WindowMSA': KNNWindowMSA}),
     'mmdet.models.backbones.pvt.PyramidVisionTransformer': _MHA,
     'mmdet.models.backbones.pvt.PyramidVisionTransformerV2': _MHA,
     'mmseg.models.backbones.swin.SwinTransformer': _Conversion(
-        _stages, 'mmseg.models.backbones.swin.WindowMSA', KNNWindowMSA),
+        _stages, {'mmseg.models.backbones.swin.WindowMSA': KNNWindowMSA}),
     'mmseg.models.backbones.mit.MixVisionTransformer': _MHA,
     'mmsparsevit.models.backbones.lit.LIT': _Conversion(
-        _stages, _qualified_name(LITAttention), KNNLITAttention),
+        _stages, {_qualified_name(LITAttention): KNNLITAttention}),
 }
 
 
@@ -90,11 +90,16 @@ def _resolve_backbone_class(backbone: dict, registry: Registry) -> type:
 
 def _replace_attention(module: nn.Module, conversion: _Conversion, topk: TopkSpec,
                        chunk_size: Optional[int]) -> int:
-    """Replace every ``conversion.attention`` below ``module``; returns how many."""
+    """Replace every module of a ``conversion.replacements`` class below ``module``.
+
+    Returns:
+        int: How many modules were replaced.
+    """
     num_replaced = 0
     for name, child in list(module.named_children()):
-        if _qualified_name(type(child)) == conversion.attention:
-            module.add_module(name, conversion.knn_class(child, topk, chunk_size))
+        knn_class = conversion.replacements.get(_qualified_name(type(child)))
+        if knn_class is not None:
+            module.add_module(name, knn_class(child, topk, chunk_size))
             num_replaced += 1
         else:
             num_replaced += _replace_attention(child, conversion, topk, chunk_size)
@@ -133,7 +138,8 @@ def convert_to_knn_attention(model: nn.Module,
         _replace_attention(stage, conversion, stage_topk, chunk_size)
         for stage_topk, stage in zip(per_stage, stages))
     if num_converted == 0:
-        raise TypeError(f'KVT: found no {conversion.attention} module in {name}')
+        raise TypeError(f'KVT: found no {" or ".join(conversion.replacements)} module in '
+                        f'{name}')
     print_log(f'KVT: {num_converted} attention modules of {type(model).__name__} use k-NN '
               f'attention, topk per stage {list(per_stage)}', logger='current')
     return model
