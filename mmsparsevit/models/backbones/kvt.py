@@ -2,7 +2,8 @@
 """KVT: an existing transformer backbone whose self-attention is k-NN attention.
 
 Paper: "KVT: k-NN Attention for Boosting Vision Transformers" (ECCV 2022,
-https://arxiv.org/abs/2106.00515); the authors' code (damo-cv/KVT) covers DeiT only.
+https://arxiv.org/abs/2106.00515); the authors' code (damo-cv/KVT) covers DeiT only, as timm's
+``VisionTransformer``, which :func:`convert_to_knn_attention` converts too.
 
 ``type='mmsparsevit.KVT'`` (:func:`build_kvt`) builds the inner backbone from its own config
 and :func:`convert_to_knn_attention` replaces each of its attention modules by a k-NN module
@@ -19,7 +20,8 @@ from mmengine.registry import Registry
 
 from mmsparsevit.registry import MODELS
 from ..layers.knn_attention import TopkSpec, topk_per_stage
-from ..layers.knn_attention_modules import KNNLITAttention, KNNMultiheadAttention, KNNWindowMSA
+from ..layers.knn_attention_modules import (KNNLITAttention, KNNMultiheadAttention,
+                                            KNNTimmAttention, KNNWindowMSA)
 from ..layers.lit_attention import LITAttention
 
 
@@ -36,6 +38,11 @@ def _pyramid_stages(model: nn.Module) -> List[nn.Module]:
     return [layer[1] for layer in model.layers]
 
 
+def _blocks(model: nn.Module) -> List[nn.Module]:
+    # timm's ViT / DeiT: one isotropic stage.
+    return [model.blocks]
+
+
 class _Conversion(NamedTuple):
     """How to convert one supported backbone class."""
 
@@ -50,6 +57,7 @@ class _Conversion(NamedTuple):
 
 _MHA = _Conversion(_pyramid_stages,
                    {_qualified_name(nn.MultiheadAttention): KNNMultiheadAttention})
+_TIMM_VIT = _Conversion(_blocks, {'timm.layers.attention.Attention': KNNTimmAttention})
 
 # Qualified backbone class name -> its conversion. Checked on the class the inner config
 # resolves to, before it is built.
@@ -63,6 +71,9 @@ SUPPORTED_BACKBONES: Dict[str, _Conversion] = {
     'mmseg.models.backbones.mit.MixVisionTransformer': _MHA,
     'mmsparsevit.models.backbones.lit.LIT': _Conversion(
         _stages, {_qualified_name(LITAttention): KNNLITAttention}),
+    # Python API only (timm models are not in a registry); DeiT models are these classes.
+    'timm.models.vision_transformer.VisionTransformer': _TIMM_VIT,
+    'timm.models.deit.VisionTransformerDistilled': _TIMM_VIT,
 }
 
 
@@ -117,7 +128,9 @@ def convert_to_knn_attention(model: nn.Module,
     their order are unchanged, so optimizers and checkpoints of the plain model apply.
 
     Args:
-        model (nn.Module): A backbone of a supported class (``SUPPORTED_BACKBONES``).
+        model (nn.Module): A model of a supported class (``SUPPORTED_BACKBONES``): an
+            mmdet/mmseg/mmsparsevit backbone, or a timm ``VisionTransformer`` (DeiT) or
+            ``VisionTransformerDistilled`` classifier, whose blocks are its one stage.
         topk (int | float | Sequence[int | float]): Keys kept per query: an int (clamped
             to the number of keys), a fraction in (0, 1] of the number of keys, or one such
             value per stage.
@@ -126,6 +139,13 @@ def convert_to_knn_attention(model: nn.Module,
 
     Returns:
         nn.Module: ``model`` itself, with its attention modules replaced.
+
+    Examples:
+        >>> import timm
+        >>> deit = timm.create_model('deit_small_patch16_224', pretrained=False)
+        >>> deit = convert_to_knn_attention(deit, topk=100)  # the authors' k
+        >>> type(deit.blocks[0].attn).__name__
+        'KNNTimmAttention'
     """
     name = _qualified_name(type(model))
     conversion = SUPPORTED_BACKBONES.get(name)

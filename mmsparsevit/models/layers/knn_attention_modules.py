@@ -9,7 +9,8 @@ changes: the softmax runs over each query's top-k keys (:func:`knn_attention`). 
 registered on the replaced module are not carried over.
 
 mmdet's and mmseg's ``WindowMSA`` are converted by one class that reads the attributes both
-define, so this file imports neither toolbox.
+define, and the classes for timm's and mmseg's modules read the attributes of the module they
+are given, so this file imports neither toolbox nor timm.
 """
 from typing import Optional, Tuple
 
@@ -236,4 +237,74 @@ class KNNLITAttention(_KNNAttention, LITAttention):
         out = self._attend(
             query, key, value, self.attn_drop.p, scale=self.scale, attn_bias=bias)
         out = out.transpose(1, 2).reshape(batch, num_tokens, channels)
+        return self.proj_drop(self.proj(out))
+
+
+class KNNTimmAttention(_KNNAttention):
+    """timm's ViT / DeiT self-attention (``timm.layers.Attention``) with k-NN selection.
+
+    As in the authors' DeiT code (damo-cv/KVT), the class token (and DeiT's distillation
+    token) is a key like any other. The top-k keys are chosen after q/k normalisation and
+    scaling and after a float ``attn_mask``; keys a boolean ``attn_mask`` or ``is_causal``
+    forbids are never selected. timm's options (``qk_norm``, ``scale_norm``, ``gated``,
+    ``attn_head_dim``, ``dim_out``) compute as in timm.
+
+    Args:
+        attention (nn.Module): The ``timm.layers.Attention`` to replace; its ``qkv``,
+            ``q_norm``, ``k_norm``, ``norm``, ``gate``, ``proj`` and dropouts are taken over.
+        topk (int | float): Keys kept per query, as in :func:`knn_attention`.
+        chunk_size (int, optional): Query rows per chunk. Defaults to None (automatic).
+    """
+
+    def __init__(self,
+                 attention: nn.Module,
+                 topk: TopkSpec,
+                 chunk_size: Optional[int] = None) -> None:
+        super().__init__()
+        self._take_over(attention, topk, chunk_size)
+        self.num_heads = attention.num_heads
+        self.head_dim = attention.head_dim
+        self.attn_dim = attention.attn_dim
+        self.scale = attention.scale
+        # timm keeps gate = None as a plain attribute unless the attention is gated (then
+        # the module was taken over above and this assigns the same object).
+        self.gate = attention.gate
+
+    def forward(self,
+                x: torch.Tensor,
+                attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """k-NN attention over all tokens, prefix tokens included.
+
+        Args:
+            x (Tensor): Tokens (B, N, C).
+            attn_mask (Tensor, optional): As in timm (and ``scaled_dot_product_attention``):
+                bool, True where a query may attend, or a float bias added to the logits;
+                broadcastable to (B, num_heads, N, N). Defaults to None.
+            is_causal (bool): Query i attends to keys 0..i only; takes precedence over
+                ``attn_mask``, as in timm's unfused path. Defaults to False.
+
+        Returns:
+            Tensor: (B, N, dim_out).
+        """
+        batch, num_tokens, _ = x.shape
+        gate = None if self.gate is None else self.gate(x).sigmoid()
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads,
+                                  self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        query, key = self.q_norm(query), self.k_norm(key)
+        bias = allowed = None
+        if is_causal:
+            allowed = torch.ones(
+                num_tokens, num_tokens, dtype=torch.bool, device=x.device).tril_()
+        elif attn_mask is not None and attn_mask.dtype == torch.bool:
+            allowed = attn_mask
+        else:
+            bias = attn_mask
+        out = self._attend(
+            query, key, value, self.attn_drop.p, scale=self.scale, attn_bias=bias,
+            attn_mask=allowed)
+        out = self.norm(out.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim))
+        if gate is not None:
+            out = out * gate
         return self.proj_drop(self.proj(out))
