@@ -20,8 +20,9 @@ from mmengine.registry import Registry
 
 from mmsparsevit.registry import MODELS
 from ..layers.knn_attention import TopkSpec, topk_per_stage
-from ..layers.knn_attention_modules import (KNNLITAttention, KNNMultiheadAttention,
-                                            KNNTimmAttention, KNNWindowMSA)
+from ..layers.knn_attention_modules import (KNNLITAttention, KNNLocallyGroupedSelfAttention,
+                                            KNNMultiheadAttention, KNNTimmAttention,
+                                            KNNWindowMSA)
 from ..layers.lit_attention import LITAttention
 
 
@@ -36,6 +37,11 @@ def _stages(model: nn.Module) -> List[nn.Module]:
 def _pyramid_stages(model: nn.Module) -> List[nn.Module]:
     # PVT / PVTv2 / MiT: layers[i] = ModuleList([patch_embed, blocks, norm]).
     return [layer[1] for layer in model.layers]
+
+
+def _layers(model: nn.Module) -> List[nn.Module]:
+    # Twins (PCPVT, SVT): layers[i] = ModuleList of the blocks of stage i.
+    return list(model.layers)
 
 
 def _blocks(model: nn.Module) -> List[nn.Module]:
@@ -55,8 +61,8 @@ class _Conversion(NamedTuple):
     replacements: Dict[str, Type[nn.Module]]
 
 
-_MHA = _Conversion(_pyramid_stages,
-                   {_qualified_name(nn.MultiheadAttention): KNNMultiheadAttention})
+_TO_KNN_MHA = {_qualified_name(nn.MultiheadAttention): KNNMultiheadAttention}
+_MHA = _Conversion(_pyramid_stages, _TO_KNN_MHA)
 _TIMM_VIT = _Conversion(_blocks, {'timm.layers.attention.Attention': KNNTimmAttention})
 
 # Qualified backbone class name -> its conversion. Checked on the class the inner config
@@ -69,6 +75,13 @@ SUPPORTED_BACKBONES: Dict[str, _Conversion] = {
     'mmseg.models.backbones.swin.SwinTransformer': _Conversion(
         _stages, {'mmseg.models.backbones.swin.WindowMSA': KNNWindowMSA}),
     'mmseg.models.backbones.mit.MixVisionTransformer': _MHA,
+    # Twins: global sub-sampled attention is MiT's, with its nn.MultiheadAttention inside.
+    'mmseg.models.backbones.twins.PCPVT': _Conversion(_layers, _TO_KNN_MHA),
+    'mmseg.models.backbones.twins.SVT': _Conversion(_layers, {
+        **_TO_KNN_MHA,
+        'mmseg.models.backbones.twins.LocallyGroupedSelfAttention':
+        KNNLocallyGroupedSelfAttention,
+    }),
     'mmsparsevit.models.backbones.lit.LIT': _Conversion(
         _stages, {_qualified_name(LITAttention): KNNLITAttention}),
     # Python API only (timm models are not in a registry); DeiT models are these classes.

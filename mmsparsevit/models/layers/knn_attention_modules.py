@@ -308,3 +308,78 @@ class KNNTimmAttention(_KNNAttention):
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))
+
+
+class KNNLocallyGroupedSelfAttention(_KNNAttention, BaseModule):
+    """Twins-SVT's locally-grouped self-attention (mmseg's LSA) with k-NN selection.
+
+    Each query keeps the top-k keys of its window (group). The feature map is zero-padded to
+    whole windows, as in mmseg, and a padded position is never selected by a real query:
+    mmseg's additive mask intends this, but it forbids padding only when both the bottom and
+    the right edge are padded (``mask[:, -0:, :]`` marks the whole map when one needs no
+    padding), so there mmseg's plain LSA also attends to the zero tokens and this module,
+    at full k, differs from it. Padded queries (dropped from the output) attend to padded
+    keys only, as in mmseg, so that every query has a key.
+
+    Args:
+        attention (nn.Module): mmseg's ``LocallyGroupedSelfAttention`` to replace; its
+            ``qkv``, ``proj`` and dropouts are taken over.
+        topk (int | float): Keys kept per query out of the ``window_size ** 2`` of its
+            window, as in :func:`knn_attention`.
+        chunk_size (int, optional): Query rows per chunk. Defaults to None (automatic).
+    """
+
+    def __init__(self,
+                 attention: nn.Module,
+                 topk: TopkSpec,
+                 chunk_size: Optional[int] = None) -> None:
+        super().__init__(init_cfg=attention.init_cfg)
+        self._take_over(attention, topk, chunk_size)
+        self.embed_dims = attention.embed_dims
+        self.num_heads = attention.num_heads
+        self.scale = attention.scale
+        self.window_size = attention.window_size
+
+    def _padded_positions_mask(self, height: int, width: int,
+                               device: torch.device) -> torch.Tensor:
+        """(groups, 1, ws*ws, ws*ws) bool: True where query and key are both real or both
+        padding, for the feature map padded at the bottom and right to whole windows."""
+        size = self.window_size
+        real = torch.zeros(-(-height // size) * size, -(-width // size) * size,
+                           dtype=torch.bool, device=device)
+        real[:height, :width] = True
+        rows, cols = real.shape[0] // size, real.shape[1] // size
+        real = real.reshape(rows, size, cols, size).transpose(1, 2).reshape(
+            rows * cols, 1, size * size)
+        return real.unsqueeze(-1) == real.unsqueeze(-2)
+
+    def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """k-NN attention within each window; see mmseg's LSA ``forward``.
+
+        Args:
+            x (Tensor): Tokens (B, H*W, C).
+            hw_shape (tuple[int, int]): (H, W) of the feature map.
+
+        Returns:
+            Tensor: (B, H*W, C).
+        """
+        batch, num_tokens, channels = x.shape
+        height, width = hw_shape
+        size = self.window_size
+        pad_right, pad_bottom = -width % size, -height % size
+        x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, pad_right, 0, pad_bottom))
+        rows, cols = x.shape[1] // size, x.shape[2] // size
+        windows = x.reshape(batch, rows, size, cols, size, channels).transpose(2, 3)
+        # (3, B, groups, heads, ws*ws, head_dims)
+        qkv = self.qkv(windows).reshape(batch, rows * cols, size * size, 3, self.num_heads,
+                                        channels // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+        query, key, value = qkv.unbind(0)
+        allowed = None
+        if pad_right or pad_bottom:
+            allowed = self._padded_positions_mask(height, width, x.device)
+        out = self._attend(
+            query, key, value, self.attn_drop.p, scale=self.scale, attn_mask=allowed)
+        out = out.transpose(2, 3).reshape(batch, rows, cols, size, size, channels)
+        out = out.transpose(2, 3).reshape(batch, rows * size, cols * size, channels)
+        out = out[:, :height, :width].reshape(batch, num_tokens, channels)
+        return self.proj_drop(self.proj(out))
