@@ -1,6 +1,9 @@
 """KVT on timm's ViT / DeiT, where the paper applies it: the conversion keeps timm's parameter
 objects and state-dict keys, a timm checkpoint loads strictly, full k is the plain timm model,
-k < N is an independent top-k reference (float64), timm's attention options and masks."""
+k < N is an independent top-k reference (float64), timm's attention options and masks, and
+the registry route through mmseg's TIMMBackbone."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,6 +11,7 @@ import torch.nn as nn
 from mmsparsevit.models import convert_to_knn_attention
 from mmsparsevit.models.layers.knn_attention import resolve_topk
 from mmsparsevit.models.layers.knn_attention_modules import KNNTimmAttention
+from mmsparsevit.registry import MODELS as REGISTRY
 
 timm_layers = pytest.importorskip('timm.layers')
 timm_vit = pytest.importorskip('timm.models.vision_transformer')
@@ -209,3 +213,40 @@ def test_vit_without_timm_attention_is_refused():
     subclass = type('MyViT', (timm_vit.VisionTransformer, ), {})(**ARCH)
     with pytest.raises(TypeError, match='does not support the backbone'):
         convert_to_knn_attention(subclass, 0.5)
+
+
+def test_mmseg_timm_backbone_route(tmp_path):
+    pytest.importorskip('mmseg')
+    # timm's DeiT-S shrunk to ARCH: create_model's arguments override the variant's.
+    config = dict(type='mmseg.TIMMBackbone', model_name='deit_small_patch16_224',
+                  pretrained=False, features_only=True, out_indices=(0, 1),
+                  **{key: value for key, value in ARCH.items() if key != 'num_classes'})
+    plain = REGISTRY.build(copy.deepcopy(config))
+    # The ViT inside timm's feature wrapper holds timm's own keys.
+    checkpoint = timm_checkpoint(plain.timm_model.model, tmp_path / 'deit.pth')
+    load(plain.timm_model.model, checkpoint)
+    models = {}
+    for topk in (1.0, 5):
+        model = REGISTRY.build(dict(type='mmsparsevit.KVT', topk=topk,
+                                    backbone=copy.deepcopy(config)))
+        assert type(model) is type(plain)
+        assert list(model.state_dict()) == list(plain.state_dict())
+        load(model.timm_model.model, checkpoint)
+        models[topk] = model.eval()
+    assert [type(block.attn) for block in models[5].timm_model.model.blocks] == \
+        [KNNTimmAttention] * ARCH['depth']
+    plain.eval()
+    with torch.no_grad():
+        expected = plain(images())
+        full = models[1.0](images())
+        for block in plain.timm_model.model.blocks:
+            block.attn.forward = reference_forward(block.attn, 5)
+        expected_sparse, sparse = plain(images()), models[5](images())
+    assert [out.shape for out in full] == [(3, ARCH['embed_dim'], 4, 4)] * 2
+    for outs, refs in ((full, expected), (sparse, expected_sparse)):
+        for out, ref in zip(outs, refs):
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(sparse[-1], expected[-1], rtol=1e-3, atol=1e-3)
+    with pytest.raises(TypeError, match='only around timm'):
+        REGISTRY.build(dict(type='mmsparsevit.KVT', topk=0.5, backbone=dict(
+            type='mmseg.TIMMBackbone', model_name='resnet18', pretrained=False)))

@@ -49,6 +49,24 @@ def _blocks(model: nn.Module) -> List[nn.Module]:
     return [model.blocks]
 
 
+_TIMM_VITS = ('timm.models.vision_transformer.VisionTransformer',
+              'timm.models.deit.VisionTransformerDistilled')
+
+
+def _timm_backbone_blocks(model: nn.Module) -> List[nn.Module]:
+    """The blocks of the ViT / DeiT inside mmseg's ``TIMMBackbone``; any other is refused.
+
+    ``TIMMBackbone`` holds the timm model itself or, with ``features_only`` (its default),
+    timm's ``FeatureGetterNet`` around it as ``.model``.
+    """
+    timm_model = getattr(model.timm_model, 'model', model.timm_model)
+    name = _qualified_name(type(timm_model))
+    if name not in _TIMM_VITS:
+        raise TypeError(f'KVT converts mmseg.TIMMBackbone only around timm\'s '
+                        f'{" or ".join(_TIMM_VITS)}, got {name}')
+    return _blocks(timm_model)
+
+
 class _Conversion(NamedTuple):
     """How to convert one supported backbone class."""
 
@@ -63,7 +81,7 @@ class _Conversion(NamedTuple):
 
 _TO_KNN_MHA = {_qualified_name(nn.MultiheadAttention): KNNMultiheadAttention}
 _MHA = _Conversion(_pyramid_stages, _TO_KNN_MHA)
-_TIMM_VIT = _Conversion(_blocks, {'timm.layers.attention.Attention': KNNTimmAttention})
+_TO_KNN_TIMM = {'timm.layers.attention.Attention': KNNTimmAttention}
 
 # Qualified backbone class name -> its conversion. Checked on the class the inner config
 # resolves to, before it is built.
@@ -75,6 +93,9 @@ SUPPORTED_BACKBONES: Dict[str, _Conversion] = {
     'mmseg.models.backbones.swin.SwinTransformer': _Conversion(
         _stages, {'mmseg.models.backbones.swin.WindowMSA': KNNWindowMSA}),
     'mmseg.models.backbones.mit.MixVisionTransformer': _MHA,
+    # The registry route to timm's ViT / DeiT (features for dense prediction).
+    'mmseg.models.backbones.timm_backbone.TIMMBackbone': _Conversion(
+        _timm_backbone_blocks, _TO_KNN_TIMM),
     # Twins: global sub-sampled attention is MiT's, with its nn.MultiheadAttention inside.
     'mmseg.models.backbones.twins.PCPVT': _Conversion(_layers, _TO_KNN_MHA),
     'mmseg.models.backbones.twins.SVT': _Conversion(_layers, {
@@ -84,9 +105,8 @@ SUPPORTED_BACKBONES: Dict[str, _Conversion] = {
     }),
     'mmsparsevit.models.backbones.lit.LIT': _Conversion(
         _stages, {_qualified_name(LITAttention): KNNLITAttention}),
-    # Python API only (timm models are not in a registry); DeiT models are these classes.
-    'timm.models.vision_transformer.VisionTransformer': _TIMM_VIT,
-    'timm.models.deit.VisionTransformerDistilled': _TIMM_VIT,
+    # Python API (timm models are not in a registry); DeiT models are these classes.
+    **{name: _Conversion(_blocks, _TO_KNN_TIMM) for name in _TIMM_VITS},
 }
 
 
@@ -187,13 +207,15 @@ def build_kvt(backbone: dict,
     Builds ``backbone`` from its config and returns **that backbone**, with every
     self-attention computing softmax over each query's top-k keys only (selection after
     scaling and after any relative-position bias; keys forbidden by Swin's shifted-window
-    mask are never selected), see :func:`convert_to_knn_attention`. No parameter is added
+    mask and Twins' window padding are never selected), see :func:`convert_to_knn_attention`.
+    No parameter is added
     and none is renamed, so the result has exactly the inner backbone's parameters and
     state-dict keys: its checkpoints (and detectors/segmentors trained with it) load with
     ``strict=True``, and its ``init_cfg`` works as usual.
 
     Supported inner backbones: mmdet ``SwinTransformer``, ``PyramidVisionTransformer``,
-    ``PyramidVisionTransformerV2``; mmseg ``SwinTransformer``, ``MixVisionTransformer``;
+    ``PyramidVisionTransformerV2``; mmseg ``SwinTransformer``, ``MixVisionTransformer``,
+    ``PCPVT``, ``SVT`` and ``TIMMBackbone`` around a timm ``VisionTransformer`` (DeiT);
     mmsparsevit ``LIT`` (its global-attention stages). The k-NN modules' ``knn_topk``
     attribute holds the setting of their stage.
 
