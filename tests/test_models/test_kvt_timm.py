@@ -207,9 +207,10 @@ def test_training_backward_reaches_every_parameter(tmp_path):
 
 
 def test_vit_without_timm_attention_is_refused():
-    model = timm_vit.VisionTransformer(**ARCH, block_fn=timm_vit.ParallelScalingBlock)
-    with pytest.raises(TypeError, match='found no timm.layers.attention.Attention'):
-        convert_to_knn_attention(model, 0.5)
+    for other in (dict(block_fn=timm_vit.ParallelScalingBlock), dict(attn_layer='diff')):
+        model = timm_vit.VisionTransformer(**ARCH, **other)
+        with pytest.raises(TypeError, match='found no timm.layers.attention.Attention'):
+            convert_to_knn_attention(model, 0.5)
     subclass = type('MyViT', (timm_vit.VisionTransformer, ), {})(**ARCH)
     with pytest.raises(TypeError, match='does not support the backbone'):
         convert_to_knn_attention(subclass, 0.5)
