@@ -73,8 +73,8 @@ class _Conversion(NamedTuple):
     # The backbone's stages, in order: a per-stage topk list is matched against them.
     stages: Callable[[nn.Module], List[nn.Module]]
     # Qualified name of each attention class replaced -> the k-NN class built as
-    # knn_class(module, topk, chunk_size) in its place. Names, not classes, so that mmdet and
-    # mmseg are not imported here; exact names, so that a subclass, which may compute
+    # knn_class(module, topk, chunk_size) in its place. Names, not classes, so that mmdet,
+    # mmseg and timm are not imported here; exact names, so that a subclass, which may compute
     # attention differently, is left alone.
     replacements: Dict[str, Type[nn.Module]]
 
