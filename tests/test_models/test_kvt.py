@@ -1,6 +1,8 @@
 """KVT: conversion keeps the inner backbone's parameter objects and keys, plain outputs at
-full k, exact k-NN semantics inside each replacement module, init_cfg, bad input."""
+full k, exact k-NN semantics inside each replacement module, Twins' padded windows, init_cfg,
+bad input."""
 import copy
+import functools
 import pickle
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from mmengine.config import ConfigDict
 from mmsparsevit.models.backbones.kvt import SUPPORTED_BACKBONES, convert_to_knn_attention
 from mmsparsevit.models.layers.knn_attention import resolve_topk
 from mmsparsevit.models.layers.knn_attention_modules import (KNNLITAttention,
+                                                             KNNLocallyGroupedSelfAttention,
                                                              KNNMultiheadAttention, KNNWindowMSA)
 from mmsparsevit.registry import MODELS
 from test_knn_attention import reference_knn_attention  # sibling test module
@@ -26,6 +29,9 @@ SWIN = dict(embed_dims=32, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4), window_s
             drop_path_rate=0.)
 PYRAMID = dict(embed_dims=32, num_layers=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
                drop_path_rate=0.)
+# SVT needs two blocks per stage: LSA (7x7 windows) then global sub-sampled attention.
+TWINS = dict(embed_dims=[32, 32, 32, 32], num_heads=[1, 1, 2, 2], mlp_ratios=[2, 2, 2, 2],
+             sr_ratios=[8, 4, 2, 1], qkv_bias=True, drop_path_rate=0.)
 BACKBONES = {
     'mmdet.SwinTransformer': dict(type='mmdet.SwinTransformer', **SWIN),
     'mmseg.SwinTransformer': dict(type='mmseg.SwinTransformer', **SWIN),
@@ -33,16 +39,20 @@ BACKBONES = {
     'mmdet.PyramidVisionTransformerV2': dict(type='mmdet.PyramidVisionTransformerV2',
                                              **PYRAMID),
     'mmseg.MixVisionTransformer': dict(type='mmseg.MixVisionTransformer', **PYRAMID),
+    'mmseg.PCPVT': dict(type='mmseg.PCPVT', depths=[1, 1, 1, 1], **TWINS),
+    'mmseg.SVT': dict(type='mmseg.SVT', depths=[2, 2, 2, 2], windiow_sizes=[7, 7, 7, 7],
+                      **TWINS),
     'mmsparsevit.LIT': dict(
         type='mmsparsevit.LIT',
         arch=dict(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
                   mlp_ratios=(2, 2, 2, 2)),
         drop_path_rate=0.),
 }
-# Converted attention modules expected per backbone (Swin: one per block).
-NUM_ATTENTIONS = {name: 5 if 'Swin' in name else 2 if 'LIT' in name else 4
-                  for name in BACKBONES}
-KNN_CLASSES = (KNNWindowMSA, KNNMultiheadAttention, KNNLITAttention)
+# Converted attention modules expected per backbone (Swin and SVT: one per block).
+NUM_ATTENTIONS = {name: 5 if 'Swin' in name else 2 if 'LIT' in name else 8 if 'SVT' in name
+                  else 4 for name in BACKBONES}
+KNN_CLASSES = (KNNWindowMSA, KNNMultiheadAttention, KNNLITAttention,
+               KNNLocallyGroupedSelfAttention)
 
 
 def build_pair(name, topk, seed=0):
@@ -98,10 +108,10 @@ def test_conversion_replaces_modules_and_keeps_the_same_tensors(name):
     # Built before the conversion: it must still optimise the converted model's tensors.
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     replaced = SUPPORTED_BACKBONES[f'{type(model).__module__}.{type(model).__qualname__}']
-    assert replaced.attention in qualified_names(model)
+    assert set(replaced.replacements) <= qualified_names(model)
 
     assert convert_to_knn_attention(model, topk=0.5) is model
-    assert replaced.attention not in qualified_names(model)
+    assert not set(replaced.replacements) & qualified_names(model)
     assert len(knn_modules(model)) == NUM_ATTENTIONS[name]
     assert list(model.state_dict()) == keys
     assert list(dict(model.named_parameters())) == list(params)
@@ -114,11 +124,23 @@ def test_conversion_replaces_modules_and_keeps_the_same_tensors(name):
     assert all(a is b for a, b in zip(optimized, model.parameters()))
 
 
+def image_size(name, size):
+    """``size``, but one where mmseg's LSA masks its padding for SVT.
+
+    mmseg's LSA lets real tokens attend to its zero padding where a map is padded at one
+    edge only (its mask covers the two-edge case); KVT masks padding always. 112 x 137 gives
+    SVT such a map in stage 2 (14 x 18 tokens, 7 x 7 windows), so SVT is compared with mmseg
+    at 116 x 150 (padding at both edges in every stage) and, at 112 x 137, with mmseg's model
+    with padding masked in test_svt_never_attends_to_padding_where_mmseg_does.
+    """
+    return (116, 150) if name == 'mmseg.SVT' and size == (112, 137) else size
+
+
 @pytest.mark.parametrize('name', sorted(BACKBONES))
 @pytest.mark.parametrize('size', [(33, 33), (112, 137), (511, 511)])
 def test_full_topk_reproduces_plain_backbone(name, size):
     plain, wrapped = build_pair(name, topk=1.0)
-    image = torch.randn(1, 3, *size)
+    image = torch.randn(1, 3, *image_size(name, size))
     with torch.no_grad():
         expected, outs = plain(image), wrapped(image)
     assert len(outs) == len(expected)
@@ -129,7 +151,7 @@ def test_full_topk_reproduces_plain_backbone(name, size):
 
 @pytest.mark.parametrize('name', sorted(BACKBONES))
 def test_large_int_topk_reproduces_plain_and_small_topk_changes_output(name):
-    image = torch.randn(1, 3, 112, 137)
+    image = torch.randn(1, 3, *image_size(name, (112, 137)))
     plain, wrapped = build_pair(name, topk=10**6)
     _, sparse = build_pair(name, topk=3)
     with torch.no_grad():
@@ -171,10 +193,12 @@ def test_window_attention_semantics_with_shift_mask(toolbox):
 
 
 @pytest.mark.parametrize('name', ['mmdet.PyramidVisionTransformerV2',
-                                  'mmseg.MixVisionTransformer'])
+                                  'mmseg.MixVisionTransformer', 'mmseg.PCPVT', 'mmseg.SVT'])
 def test_multihead_attention_semantics(name):
     _, model = build_pair(name, topk=0.25)
-    attn = model.layers[0][1][0].attn.attn
+    # The nn.MultiheadAttention of the first stage's (first global) attention block.
+    block = model.layers[0][1] if 'Transformer' in name else model.layers[0]
+    attn = block[1 if name == 'mmseg.SVT' else 0].attn.attn
     assert type(attn) is KNNMultiheadAttention
     torch.manual_seed(2)
     query, key = torch.randn(40, 2, 32), torch.randn(13, 2, 32)  # sequence first
@@ -205,6 +229,63 @@ def test_lit_attention_semantics_with_relative_bias():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def reference_lsa(attn, x, hw_shape, topk):
+    """Twins' LSA window by window, over the real tokens of each window only.
+
+    Nothing is padded, so nothing padded can be attended to; ``topk`` as a fraction counts
+    the ``window_size ** 2`` keys of a whole window, as KVT does.
+    """
+    batch, _, channels = x.shape
+    height, width = hw_shape
+    size = attn.window_size
+    grid = x.reshape(batch, height, width, channels)
+    out = torch.empty_like(grid)
+    for top in range(0, height, size):
+        for left in range(0, width, size):
+            window = grid[:, top:top + size, left:left + size]
+            rows, cols = window.shape[1:3]
+            qkv = attn.qkv(window.reshape(batch, rows * cols, channels))
+            query, key, value = qkv.reshape(batch, rows * cols, 3, attn.num_heads,
+                                            -1).permute(2, 0, 3, 1, 4)
+            attended = reference_knn_attention(query, key, value,
+                                               resolve_topk(topk, size * size), attn.scale)
+            out[:, top:top + size, left:left + size] = attended.transpose(1, 2).reshape(
+                batch, rows, cols, channels)
+    return attn.proj(out.reshape(batch, height * width, channels))
+
+
+# Windows of 7: no padding, padding at both edges, at the right only, at the bottom only.
+@pytest.mark.parametrize('hw_shape', [(14, 14), (12, 12), (14, 18), (12, 14)])
+@pytest.mark.parametrize('topk', [10, 0.3, 49])
+def test_locally_grouped_attention_semantics_with_padding(hw_shape, topk):
+    _, model = build_pair('mmseg.SVT', topk=topk)
+    attn = model.layers[2][0].attn.double()
+    assert type(attn) is KNNLocallyGroupedSelfAttention and attn.num_heads == 2
+    torch.manual_seed(4)
+    x = torch.randn(2, hw_shape[0] * hw_shape[1], 32, dtype=torch.float64)
+    with torch.no_grad():
+        out, ref = attn(x, hw_shape), reference_lsa(attn, x, hw_shape, topk)
+    # Float64 and no ties among random logits: the same keys, round-off apart.
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_svt_never_attends_to_padding_where_mmseg_does():
+    # Stage 2 of a 112 x 137 input has 14 x 18 tokens, padded at the right edge only, where
+    # mmseg's LSA mask allows the zero padding (see image_size).
+    plain, wrapped = build_pair('mmseg.SVT', topk=1.0)
+    image = torch.randn(1, 3, 112, 137)
+    with torch.no_grad():
+        mmseg_outs = plain(image)
+        for layer in plain.layers:
+            layer[0].attn.forward = functools.partial(reference_lsa, layer[0].attn, topk=49)
+        expected, outs = plain(image), wrapped(image)
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # Stage 1 (28 x 35 tokens) needs no padding; stage 2 on differ from mmseg's output.
+    torch.testing.assert_close(outs[0], mmseg_outs[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(outs[1], mmseg_outs[1], rtol=1e-3, atol=1e-3)
+
+
 def test_per_stage_topk_and_training_backward():
     model = MODELS.build(dict(type='mmsparsevit.KVT', topk=[1.0, 0.5, 20, 3],
                               backbone=copy.deepcopy(BACKBONES['mmdet.SwinTransformer'])))
@@ -219,6 +300,19 @@ def test_per_stage_topk_and_training_backward():
         assert table.grad is not None and table.grad.abs().sum() > 0
 
 
+def test_svt_training_backward_with_padded_windows():
+    model = MODELS.build(dict(type='mmsparsevit.KVT', topk=10,
+                              backbone=copy.deepcopy(BACKBONES['mmseg.SVT'])))
+    model.train()
+    torch.manual_seed(5)
+    # 40 x 52: stage 1 has 10 x 13 tokens, padded at both edges of its 7 x 7 windows. Random
+    # output weights: a plain sum has no gradient through SVT's per-stage LayerNorm.
+    outs = model(torch.randn(2, 3, 40, 52))
+    sum((out * torch.randn_like(out)).sum() for out in outs).backward()
+    assert all(param.grad is not None and param.grad.abs().sum() > 0
+               for key, param in model.named_parameters() if 'attn' in key)
+
+
 def test_frozen_stages_stay_frozen():
     model = MODELS.build(dict(type='mmsparsevit.KVT', topk=0.5, backbone=dict(
         BACKBONES['mmdet.SwinTransformer'], frozen_stages=1)))
@@ -230,7 +324,7 @@ def test_frozen_stages_stay_frozen():
 
 def test_importing_mmsparsevit_does_not_import_the_toolboxes():
     code = ('import sys, mmsparsevit.models; '
-            'assert not {"mmdet", "mmseg"} & set(sys.modules), sorted(sys.modules)')
+            'assert not {"mmdet", "mmseg", "timm"} & set(sys.modules), sorted(sys.modules)')
     subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
 
 

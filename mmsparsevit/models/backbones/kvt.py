@@ -2,7 +2,8 @@
 """KVT: an existing transformer backbone whose self-attention is k-NN attention.
 
 Paper: "KVT: k-NN Attention for Boosting Vision Transformers" (ECCV 2022,
-https://arxiv.org/abs/2106.00515); the authors' code (damo-cv/KVT) covers DeiT only.
+https://arxiv.org/abs/2106.00515); the authors' code (damo-cv/KVT) covers DeiT only, as timm's
+``VisionTransformer``, which :func:`convert_to_knn_attention` converts too.
 
 ``type='mmsparsevit.KVT'`` (:func:`build_kvt`) builds the inner backbone from its own config
 and :func:`convert_to_knn_attention` replaces each of its attention modules by a k-NN module
@@ -19,7 +20,9 @@ from mmengine.registry import Registry
 
 from mmsparsevit.registry import MODELS
 from ..layers.knn_attention import TopkSpec, topk_per_stage
-from ..layers.knn_attention_modules import KNNLITAttention, KNNMultiheadAttention, KNNWindowMSA
+from ..layers.knn_attention_modules import (KNNLITAttention, KNNLocallyGroupedSelfAttention,
+                                            KNNMultiheadAttention, KNNTimmAttention,
+                                            KNNWindowMSA)
 from ..layers.lit_attention import LITAttention
 
 
@@ -36,33 +39,74 @@ def _pyramid_stages(model: nn.Module) -> List[nn.Module]:
     return [layer[1] for layer in model.layers]
 
 
+def _layers(model: nn.Module) -> List[nn.Module]:
+    # Twins (PCPVT, SVT): layers[i] = ModuleList of the blocks of stage i.
+    return list(model.layers)
+
+
+def _blocks(model: nn.Module) -> List[nn.Module]:
+    # timm's ViT / DeiT: one isotropic stage.
+    return [model.blocks]
+
+
+_TIMM_VITS = ('timm.models.vision_transformer.VisionTransformer',
+              'timm.models.deit.VisionTransformerDistilled')
+
+
+def _timm_backbone_blocks(model: nn.Module) -> List[nn.Module]:
+    """The blocks of the ViT / DeiT inside mmseg's ``TIMMBackbone``; any other is refused.
+
+    ``TIMMBackbone`` holds the timm model itself or, with ``features_only`` (its default),
+    timm's ``FeatureGetterNet`` around it as ``.model``.
+    """
+    timm_model = getattr(model.timm_model, 'model', model.timm_model)
+    name = _qualified_name(type(timm_model))
+    if name not in _TIMM_VITS:
+        raise TypeError(f'KVT converts mmseg.TIMMBackbone only around timm\'s '
+                        f'{" or ".join(_TIMM_VITS)}, got {name}')
+    return _blocks(timm_model)
+
+
 class _Conversion(NamedTuple):
     """How to convert one supported backbone class."""
 
     # The backbone's stages, in order: a per-stage topk list is matched against them.
     stages: Callable[[nn.Module], List[nn.Module]]
-    # Qualified name of the attention class replaced. Names, not classes, so that mmdet and
-    # mmseg are not imported here; exact names, so that a subclass, which may compute
+    # Qualified name of each attention class replaced -> the k-NN class built as
+    # knn_class(module, topk, chunk_size) in its place. Names, not classes, so that mmdet,
+    # mmseg and timm are not imported here; exact names, so that a subclass, which may compute
     # attention differently, is left alone.
-    attention: str
-    # Built as knn_class(module, topk, chunk_size) in place of each such module.
-    knn_class: Type[nn.Module]
+    replacements: Dict[str, Type[nn.Module]]
 
 
-_MHA = _Conversion(_pyramid_stages, _qualified_name(nn.MultiheadAttention), KNNMultiheadAttention)
+_TO_KNN_MHA = {_qualified_name(nn.MultiheadAttention): KNNMultiheadAttention}
+_MHA = _Conversion(_pyramid_stages, _TO_KNN_MHA)
+_TO_KNN_TIMM = {'timm.layers.attention.Attention': KNNTimmAttention}
 
 # Qualified backbone class name -> its conversion. Checked on the class the inner config
 # resolves to, before it is built.
 SUPPORTED_BACKBONES: Dict[str, _Conversion] = {
     'mmdet.models.backbones.swin.SwinTransformer': _Conversion(
-        _stages, 'mmdet.models.backbones.swin.WindowMSA', KNNWindowMSA),
+        _stages, {'mmdet.models.backbones.swin.WindowMSA': KNNWindowMSA}),
     'mmdet.models.backbones.pvt.PyramidVisionTransformer': _MHA,
     'mmdet.models.backbones.pvt.PyramidVisionTransformerV2': _MHA,
     'mmseg.models.backbones.swin.SwinTransformer': _Conversion(
-        _stages, 'mmseg.models.backbones.swin.WindowMSA', KNNWindowMSA),
+        _stages, {'mmseg.models.backbones.swin.WindowMSA': KNNWindowMSA}),
     'mmseg.models.backbones.mit.MixVisionTransformer': _MHA,
+    # The registry route to timm's ViT / DeiT (features for dense prediction).
+    'mmseg.models.backbones.timm_backbone.TIMMBackbone': _Conversion(
+        _timm_backbone_blocks, _TO_KNN_TIMM),
+    # Twins: global sub-sampled attention is MiT's, with its nn.MultiheadAttention inside.
+    'mmseg.models.backbones.twins.PCPVT': _Conversion(_layers, _TO_KNN_MHA),
+    'mmseg.models.backbones.twins.SVT': _Conversion(_layers, {
+        **_TO_KNN_MHA,
+        'mmseg.models.backbones.twins.LocallyGroupedSelfAttention':
+        KNNLocallyGroupedSelfAttention,
+    }),
     'mmsparsevit.models.backbones.lit.LIT': _Conversion(
-        _stages, _qualified_name(LITAttention), KNNLITAttention),
+        _stages, {_qualified_name(LITAttention): KNNLITAttention}),
+    # Python API (timm models are not in a registry); DeiT models are these classes.
+    **{name: _Conversion(_blocks, _TO_KNN_TIMM) for name in _TIMM_VITS},
 }
 
 
@@ -90,11 +134,16 @@ def _resolve_backbone_class(backbone: dict, registry: Registry) -> type:
 
 def _replace_attention(module: nn.Module, conversion: _Conversion, topk: TopkSpec,
                        chunk_size: Optional[int]) -> int:
-    """Replace every ``conversion.attention`` below ``module``; returns how many."""
+    """Replace every module of a ``conversion.replacements`` class below ``module``.
+
+    Returns:
+        int: How many modules were replaced.
+    """
     num_replaced = 0
     for name, child in list(module.named_children()):
-        if _qualified_name(type(child)) == conversion.attention:
-            module.add_module(name, conversion.knn_class(child, topk, chunk_size))
+        knn_class = conversion.replacements.get(_qualified_name(type(child)))
+        if knn_class is not None:
+            module.add_module(name, knn_class(child, topk, chunk_size))
             num_replaced += 1
         else:
             num_replaced += _replace_attention(child, conversion, topk, chunk_size)
@@ -112,7 +161,9 @@ def convert_to_knn_attention(model: nn.Module,
     their order are unchanged, so optimizers and checkpoints of the plain model apply.
 
     Args:
-        model (nn.Module): A backbone of a supported class (``SUPPORTED_BACKBONES``).
+        model (nn.Module): A model of a supported class (``SUPPORTED_BACKBONES``): an
+            mmdet/mmseg/mmsparsevit backbone, or a timm ``VisionTransformer`` (DeiT) or
+            ``VisionTransformerDistilled`` classifier, whose blocks are its one stage.
         topk (int | float | Sequence[int | float]): Keys kept per query: an int (clamped
             to the number of keys), a fraction in (0, 1] of the number of keys, or one such
             value per stage.
@@ -121,6 +172,13 @@ def convert_to_knn_attention(model: nn.Module,
 
     Returns:
         nn.Module: ``model`` itself, with its attention modules replaced.
+
+    Examples:
+        >>> import timm
+        >>> deit = timm.create_model('deit_small_patch16_224', pretrained=False)
+        >>> deit = convert_to_knn_attention(deit, topk=100)  # the authors' k
+        >>> type(deit.blocks[0].attn).__name__
+        'KNNTimmAttention'
     """
     name = _qualified_name(type(model))
     conversion = SUPPORTED_BACKBONES.get(name)
@@ -133,7 +191,8 @@ def convert_to_knn_attention(model: nn.Module,
         _replace_attention(stage, conversion, stage_topk, chunk_size)
         for stage_topk, stage in zip(per_stage, stages))
     if num_converted == 0:
-        raise TypeError(f'KVT: found no {conversion.attention} module in {name}')
+        raise TypeError(f'KVT: found no {" or ".join(conversion.replacements)} module in '
+                        f'{name}')
     print_log(f'KVT: {num_converted} attention modules of {type(model).__name__} use k-NN '
               f'attention, topk per stage {list(per_stage)}', logger='current')
     return model
@@ -148,13 +207,15 @@ def build_kvt(backbone: dict,
     Builds ``backbone`` from its config and returns **that backbone**, with every
     self-attention computing softmax over each query's top-k keys only (selection after
     scaling and after any relative-position bias; keys forbidden by Swin's shifted-window
-    mask are never selected), see :func:`convert_to_knn_attention`. No parameter is added
+    mask and Twins' window padding are never selected), see :func:`convert_to_knn_attention`.
+    No parameter is added
     and none is renamed, so the result has exactly the inner backbone's parameters and
     state-dict keys: its checkpoints (and detectors/segmentors trained with it) load with
     ``strict=True``, and its ``init_cfg`` works as usual.
 
     Supported inner backbones: mmdet ``SwinTransformer``, ``PyramidVisionTransformer``,
-    ``PyramidVisionTransformerV2``; mmseg ``SwinTransformer``, ``MixVisionTransformer``;
+    ``PyramidVisionTransformerV2``; mmseg ``SwinTransformer``, ``MixVisionTransformer``,
+    ``PCPVT``, ``SVT`` and ``TIMMBackbone`` around a timm ``VisionTransformer`` (DeiT);
     mmsparsevit ``LIT`` (its global-attention stages). The k-NN modules' ``knn_topk``
     attribute holds the setting of their stage.
 

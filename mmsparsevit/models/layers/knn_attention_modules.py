@@ -9,7 +9,8 @@ changes: the softmax runs over each query's top-k keys (:func:`knn_attention`). 
 registered on the replaced module are not carried over.
 
 mmdet's and mmseg's ``WindowMSA`` are converted by one class that reads the attributes both
-define, so this file imports neither toolbox.
+define, and the classes for timm's and mmseg's modules read the attributes of the module they
+are given, so this file imports neither toolbox nor timm.
 """
 from typing import Optional, Tuple
 
@@ -236,4 +237,149 @@ class KNNLITAttention(_KNNAttention, LITAttention):
         out = self._attend(
             query, key, value, self.attn_drop.p, scale=self.scale, attn_bias=bias)
         out = out.transpose(1, 2).reshape(batch, num_tokens, channels)
+        return self.proj_drop(self.proj(out))
+
+
+class KNNTimmAttention(_KNNAttention):
+    """timm's ViT / DeiT self-attention (``timm.layers.Attention``) with k-NN selection.
+
+    As in the authors' DeiT code (damo-cv/KVT), the class token (and DeiT's distillation
+    token) is a key like any other. The top-k keys are chosen after q/k normalisation and
+    scaling and after a float ``attn_mask``; keys a boolean ``attn_mask`` or ``is_causal``
+    forbids are never selected. timm's options (``qk_norm``, ``scale_norm``, ``gated``,
+    ``attn_head_dim``, ``dim_out``) compute as in timm.
+
+    Args:
+        attention (nn.Module): The ``timm.layers.Attention`` to replace; its ``qkv``,
+            ``q_norm``, ``k_norm``, ``norm``, ``gate``, ``proj`` and dropouts are taken over.
+        topk (int | float): Keys kept per query, as in :func:`knn_attention`.
+        chunk_size (int, optional): Query rows per chunk. Defaults to None (automatic).
+    """
+
+    def __init__(self,
+                 attention: nn.Module,
+                 topk: TopkSpec,
+                 chunk_size: Optional[int] = None) -> None:
+        super().__init__()
+        self._take_over(attention, topk, chunk_size)
+        self.num_heads = attention.num_heads
+        self.head_dim = attention.head_dim
+        self.attn_dim = attention.attn_dim
+        self.scale = attention.scale
+        # timm keeps gate = None as a plain attribute unless the attention is gated (then
+        # the module was taken over above and this assigns the same object).
+        self.gate = attention.gate
+
+    def forward(self,
+                x: torch.Tensor,
+                attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """k-NN attention over all tokens, prefix tokens included.
+
+        Args:
+            x (Tensor): Tokens (B, N, C).
+            attn_mask (Tensor, optional): As in timm (and ``scaled_dot_product_attention``):
+                bool, True where a query may attend, or a float bias added to the logits;
+                broadcastable to (B, num_heads, N, N). Defaults to None.
+            is_causal (bool): Query i attends to keys 0..i only; takes precedence over
+                ``attn_mask``, as in timm's unfused path. Defaults to False.
+
+        Returns:
+            Tensor: (B, N, dim_out).
+        """
+        batch, num_tokens, _ = x.shape
+        gate = None if self.gate is None else self.gate(x).sigmoid()
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads,
+                                  self.head_dim).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.unbind(0)
+        query, key = self.q_norm(query), self.k_norm(key)
+        bias = allowed = None
+        if is_causal:
+            allowed = torch.ones(
+                num_tokens, num_tokens, dtype=torch.bool, device=x.device).tril_()
+        elif attn_mask is not None and attn_mask.dtype == torch.bool:
+            allowed = attn_mask
+        else:
+            bias = attn_mask
+        out = self._attend(
+            query, key, value, self.attn_drop.p, scale=self.scale, attn_bias=bias,
+            attn_mask=allowed)
+        out = self.norm(out.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim))
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))
+
+
+class KNNLocallyGroupedSelfAttention(_KNNAttention, BaseModule):
+    """Twins-SVT's locally-grouped self-attention (mmseg's LSA) with k-NN selection.
+
+    Each query keeps the top-k keys of its window (group). The feature map is zero-padded to
+    whole windows, as in mmseg, and a padded position is never selected by a real query:
+    mmseg's additive mask intends this, but it forbids padding only when both the bottom and
+    the right edge are padded (``mask[:, -0:, :]`` marks the whole map when one needs no
+    padding), so there mmseg's plain LSA also attends to the zero tokens and this module,
+    at full k, differs from it. Padded queries (dropped from the output) attend to padded
+    keys only, as in mmseg, so that every query has a key.
+
+    Args:
+        attention (nn.Module): mmseg's ``LocallyGroupedSelfAttention`` to replace; its
+            ``qkv``, ``proj`` and dropouts are taken over.
+        topk (int | float): Keys kept per query out of the ``window_size ** 2`` of its
+            window, as in :func:`knn_attention`.
+        chunk_size (int, optional): Query rows per chunk. Defaults to None (automatic).
+    """
+
+    def __init__(self,
+                 attention: nn.Module,
+                 topk: TopkSpec,
+                 chunk_size: Optional[int] = None) -> None:
+        super().__init__(init_cfg=attention.init_cfg)
+        self._take_over(attention, topk, chunk_size)
+        self.embed_dims = attention.embed_dims
+        self.num_heads = attention.num_heads
+        self.scale = attention.scale
+        self.window_size = attention.window_size
+
+    def _padded_positions_mask(self, height: int, width: int,
+                               device: torch.device) -> torch.Tensor:
+        """(groups, 1, ws*ws, ws*ws) bool: True where query and key are both real or both
+        padding, for the feature map padded at the bottom and right to whole windows."""
+        size = self.window_size
+        real = torch.zeros(-(-height // size) * size, -(-width // size) * size,
+                           dtype=torch.bool, device=device)
+        real[:height, :width] = True
+        rows, cols = real.shape[0] // size, real.shape[1] // size
+        real = real.reshape(rows, size, cols, size).transpose(1, 2).reshape(
+            rows * cols, 1, size * size)
+        return real.unsqueeze(-1) == real.unsqueeze(-2)
+
+    def forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """k-NN attention within each window; see mmseg's LSA ``forward``.
+
+        Args:
+            x (Tensor): Tokens (B, H*W, C).
+            hw_shape (tuple[int, int]): (H, W) of the feature map.
+
+        Returns:
+            Tensor: (B, H*W, C).
+        """
+        batch, num_tokens, channels = x.shape
+        height, width = hw_shape
+        size = self.window_size
+        pad_right, pad_bottom = -width % size, -height % size
+        x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, pad_right, 0, pad_bottom))
+        rows, cols = x.shape[1] // size, x.shape[2] // size
+        windows = x.reshape(batch, rows, size, cols, size, channels).transpose(2, 3)
+        # (3, B, groups, heads, ws*ws, head_dims)
+        qkv = self.qkv(windows).reshape(batch, rows * cols, size * size, 3, self.num_heads,
+                                        channels // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+        query, key, value = qkv.unbind(0)
+        allowed = None
+        if pad_right or pad_bottom:
+            allowed = self._padded_positions_mask(height, width, x.device)
+        out = self._attend(
+            query, key, value, self.attn_drop.p, scale=self.scale, attn_mask=allowed)
+        out = out.transpose(2, 3).reshape(batch, rows, cols, size, size, channels)
+        out = out.transpose(2, 3).reshape(batch, rows * size, cols * size, channels)
+        out = out[:, :height, :width].reshape(batch, num_tokens, channels)
         return self.proj_drop(self.proj(out))
