@@ -14,7 +14,8 @@ import pytest
 # ``transcriptions`` (the plain transcriptions the faithfulness tests compare against), which
 # are not part of the installed package.
 _TESTS = Path(__file__).resolve().parent
-for _folder in (_TESTS / 'test_tools', _TESTS / 'test_models',
+for _folder in (_TESTS / 'test_tools', _TESTS / 'test_models' / 'test_backbones',
+                _TESTS / 'test_models' / 'test_layers', _TESTS / 'test_engine',
                 _TESTS.parent / 'tools' / 'analysis_tools'):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))

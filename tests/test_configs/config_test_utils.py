@@ -2,13 +2,13 @@
 """Helpers shared by the config tests: the shipped-config inventory, fixture data, and the
 rewrite that points a shipped config at that data with small images."""
 import importlib
-import importlib.util
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
+from tool_test_utils import load_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_ROOT = REPO_ROOT / 'configs'
@@ -82,11 +82,7 @@ def missing_backbone_modules(model_cfg: Dict) -> List[str]:
 
 def load_demo_data_module():
     """Import tools/dataset_converters/make_demo_data.py (tools/ is not a package)."""
-    path = REPO_ROOT / 'tools' / 'dataset_converters' / 'make_demo_data.py'
-    spec = importlib.util.spec_from_file_location('make_demo_data', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('dataset_converters/make_demo_data.py')
 
 
 def make_fixture_data(root: Path) -> Path:

@@ -35,7 +35,7 @@ from mmsparsevit.runtime import harden_test_config
 from mmsparsevit.utils.state_dict import match_state_dict
 from transcriptions import PlainLIT, PlainLITTi, PlainVVT
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CONFIGS = REPO / 'configs'
 MODULE_FILE = REPO / 'mmsparsevit' / 'models' / 'dense_checkpoint.py'
 

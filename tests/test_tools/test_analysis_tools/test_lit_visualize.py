@@ -1,5 +1,4 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,20 +7,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from tool_test_utils import load_tool
 
 from mmsparsevit.models.backbones import LIT
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TOOL = REPO / 'tools/analysis_tools/visualize_dtm_offsets.py'
 ARCH = dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
             mlp_ratios=(2, 2, 2, 2))
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location('visualize_dtm_offsets', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('analysis_tools/visualize_dtm_offsets.py')
 
 
 def test_sampling_points_in_image_pixels():

@@ -1,22 +1,17 @@
 """The VVT benchmark tool: its memory tracker and its (deterministic) memory scaling."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from tool_test_utils import load_tool
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        'benchmark_vicinity_attention',
-        REPO_ROOT / 'tools/analysis_tools/benchmark_vicinity_attention.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('analysis_tools/benchmark_vicinity_attention.py')
 
 
 def test_peak_memory_tracker_counts_live_allocations(bench):

@@ -1,16 +1,11 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """Shared by the robustness tests: the tools tests' fixture helpers and a checkpoint payload."""
-import importlib.util
 from pathlib import Path
 
+import tool_test_utils as tool_utils
 import torch
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
-
-_TOOL_UTILS = Path(__file__).resolve().parents[1] / 'test_tools' / 'tool_test_utils.py'
-_spec = importlib.util.spec_from_file_location('robustness_tool_test_utils', _TOOL_UTILS)
-tool_utils = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool_utils)
 
 REPO_ROOT = tool_utils.REPO_ROOT
 DET_CONFIG = tool_utils.DET_CONFIG

@@ -1,16 +1,16 @@
 """The cost tools (get_flops, benchmark, complexity_curve) on tiny models."""
 import csv
-import importlib.util
 import json
 import os.path as osp
 
 import pytest
+import tool_test_utils
 
 from measure import (benchmark, build_model, count_parameters, load_model_spec, measure_complexity,
                      select_backbone)
 from measure.benchmark import BenchmarkCase, measure_case, measure_interleaved, paired_time_ratio
 
-TOOLS = osp.join(osp.dirname(__file__), '..', '..', 'tools', 'analysis_tools')
+TOOLS = osp.join(osp.dirname(__file__), '..', '..', '..', 'tools', 'analysis_tools')
 
 TINY_SWIN = ("dict(type='mmdet.SwinTransformer', embed_dims=16, depths=(1, 1, 1, 1), "
              'num_heads=(1, 1, 1, 1), window_size=4, mlp_ratio=2)')
@@ -47,10 +47,8 @@ model = dict(
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A script of tools/analysis_tools/ as a module."""
+    return tool_test_utils.load_tool(f'analysis_tools/{name}.py')
 
 
 def write_config(tmp_path, name, text):

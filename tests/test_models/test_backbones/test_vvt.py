@@ -5,11 +5,11 @@ independent transcription of the authors' model (OpenNLPLab/Vicinity-Vision-Tran
 classification/vvt.py) that shares no code with the backbone and uses their parameter names,
 so its state dict has the official checkpoint layout.
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from tool_test_utils import load_tool
 from torch import nn
 
 from mmsparsevit.models import VVT
@@ -20,7 +20,7 @@ from transcriptions import PlainVVT
 SMALL_ARCH = dict(
     embed_dims=(16, 24, 32, 48), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 3),
     mlp_ratios=(2, 2, 4, 2))
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def official_model(arch=SMALL_ARCH, seed=0):
@@ -132,10 +132,7 @@ def test_init_cfg_prefix_and_mismatch(tmp_path):
 
 
 def test_converter_cli(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        'vvt2mmsparsevit', REPO_ROOT / 'tools/model_converters/vvt2mmsparsevit.py')
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool('model_converters/vvt2mmsparsevit.py')
     with torch.device('meta'):
         official_tiny = PlainVVT((96, 160, 320, 512), (2, 2, 2, 2), (1, 2, 5, 8), (8, 8, 4, 4))
     src, dst = tmp_path / 'vvt_tiny.pth', tmp_path / 'out' / 'vvt_tiny_converted.pth'

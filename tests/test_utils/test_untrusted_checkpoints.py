@@ -3,7 +3,7 @@
 from a local file and from a URL (a server on 127.0.0.1 started by the test).
 
 (mmengine's own loaders and a plain ``BaseModule`` Pretrained init are covered in
-tests/test_checkpoint_safety.py; these are the toolkit's tools and backbones.)
+tests/test_utils/test_checkpoint_safety.py; these are the toolkit's tools and backbones.)
 """
 import re
 import shutil

@@ -11,7 +11,7 @@ from mmsparsevit.models.backbones import LIT
 from mmsparsevit.models.backbones.lit import convert_lit_checkpoint
 from transcriptions import PlainLIT, PlainLITTi
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MINI_REF = dict(dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), heads=(1, 2, 3, 4),
                 ratios=(2, 2, 2, 2))
 MINI = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 3, 4),
