@@ -26,7 +26,6 @@ setup(
         'mmdet>=3.0.0,<3.4.0',
         'mmsegmentation>=1.0.0,<1.3.0',
         'timm>=0.9.0',
-        'einops>=0.6.0',
         'ftfy',
         'regex',
     ],
