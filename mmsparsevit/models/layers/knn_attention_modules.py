@@ -25,10 +25,18 @@ from .lit_attention import LITAttention
 
 
 class _KNNAttention(nn.Module):
-    """What the k-NN modules share: taking over a module, the top-k setting, ``repr``."""
+    """What the k-NN modules share: taking over a module, the top-k setting, ``repr``.
+
+    Every subclass is built as ``KNNx(module, topk, chunk_size=None)``: ``module`` is the
+    attention it replaces, ``topk`` (int | float) the keys each query keeps, as in
+    :func:`knn_attention`, and ``chunk_size`` (int, optional) the query rows per chunk
+    (None: automatic).
+    """
 
     knn_topk: TopkSpec
     knn_chunk_size: Optional[int]
+    # Plain (non-tensor) attributes of the replaced module that the forward reads.
+    taken_attributes: Tuple[str, ...] = ()
 
     def _take_over(self, source: nn.Module, topk: TopkSpec,
                    chunk_size: Optional[int]) -> None:
@@ -46,6 +54,8 @@ class _KNNAttention(nn.Module):
             self.add_module(name, child)
         # A model converted in eval mode must not start dropping attention weights.
         self.training = source.training
+        for name in self.taken_attributes:
+            setattr(self, name, getattr(source, name))
         self.knn_topk = check_topk_spec(topk)
         self.knn_chunk_size = chunk_size
 
@@ -68,30 +78,31 @@ class _KNNAttention(nn.Module):
         return ', '.join(filter(None, settings))
 
 
-class KNNWindowMSA(_KNNAttention, BaseModule):
+class _KNNBaseModule(_KNNAttention, BaseModule):
+    """A k-NN replacement of an mmengine ``BaseModule`` attention, keeping its ``init_cfg``."""
+
+    def __init__(self,
+                 attention: nn.Module,
+                 topk: TopkSpec,
+                 chunk_size: Optional[int] = None) -> None:
+        super().__init__(init_cfg=attention.init_cfg)
+        self._take_over(attention, topk, chunk_size)
+
+
+class KNNWindowMSA(_KNNBaseModule):
     """Swin's window attention (mmdet's or mmseg's ``WindowMSA``) with k-NN selection.
 
     Selection happens after scaling and after the relative-position bias; pairs the shifted-
     window mask forbids (any nonzero mask value; Swin uses -100) are never selected.
 
     Args:
-        window_msa (nn.Module): The ``WindowMSA`` to replace; its ``qkv``, ``proj``,
+        attention (nn.Module): The ``WindowMSA`` to replace; its ``qkv``, ``proj``,
             dropouts, ``relative_position_bias_table`` and ``relative_position_index`` are
             taken over.
-        topk (int | float): Keys kept per query, as in :func:`knn_attention`.
-        chunk_size (int, optional): Query rows per chunk. Defaults to None (automatic).
+        topk, chunk_size: See :class:`_KNNAttention`.
     """
 
-    def __init__(self,
-                 window_msa: nn.Module,
-                 topk: TopkSpec,
-                 chunk_size: Optional[int] = None) -> None:
-        super().__init__(init_cfg=window_msa.init_cfg)
-        self._take_over(window_msa, topk, chunk_size)
-        self.embed_dims = window_msa.embed_dims
-        self.window_size = window_msa.window_size
-        self.num_heads = window_msa.num_heads
-        self.scale = window_msa.scale
+    taken_attributes = ('embed_dims', 'window_size', 'num_heads', 'scale')
 
     def init_weights(self) -> None:
         """Truncated-normal relative-position table (std 0.02), as ``WindowMSA`` does."""
@@ -142,8 +153,7 @@ class KNNMultiheadAttention(_KNNAttention, nn.MultiheadAttention):
     Args:
         attention (nn.MultiheadAttention): The module to replace; its projections are
             taken over.
-        topk (int | float): Keys kept per query, as in :func:`knn_attention`.
-        chunk_size (int, optional): Query rows per chunk. Defaults to None (automatic).
+        topk, chunk_size: See :class:`_KNNAttention`.
     """
 
     def __init__(self,
@@ -204,8 +214,7 @@ class KNNLITAttention(_KNNAttention, LITAttention):
     Args:
         attention (LITAttention): The module to replace; its projections and
             relative-position table are taken over.
-        topk (int | float): Keys kept per query, as in :func:`knn_attention`.
-        chunk_size (int, optional): Query rows per chunk. Defaults to None (automatic).
+        topk, chunk_size: See :class:`_KNNAttention`.
     """
 
     def __init__(self,
@@ -252,9 +261,12 @@ class KNNTimmAttention(_KNNAttention):
     Args:
         attention (nn.Module): The ``timm.layers.Attention`` to replace; its ``qkv``,
             ``q_norm``, ``k_norm``, ``norm``, ``gate``, ``proj`` and dropouts are taken over.
-        topk (int | float): Keys kept per query, as in :func:`knn_attention`.
-        chunk_size (int, optional): Query rows per chunk. Defaults to None (automatic).
+        topk, chunk_size: See :class:`_KNNAttention`.
     """
+
+    # timm keeps gate = None as a plain attribute unless the attention is gated (then it is
+    # a submodule, already taken over, and this assigns the same object).
+    taken_attributes = ('num_heads', 'head_dim', 'attn_dim', 'scale', 'gate')
 
     def __init__(self,
                  attention: nn.Module,
@@ -262,13 +274,6 @@ class KNNTimmAttention(_KNNAttention):
                  chunk_size: Optional[int] = None) -> None:
         super().__init__()
         self._take_over(attention, topk, chunk_size)
-        self.num_heads = attention.num_heads
-        self.head_dim = attention.head_dim
-        self.attn_dim = attention.attn_dim
-        self.scale = attention.scale
-        # timm keeps gate = None as a plain attribute unless the attention is gated (then
-        # the module was taken over above and this assigns the same object).
-        self.gate = attention.gate
 
     def forward(self,
                 x: torch.Tensor,
@@ -310,7 +315,7 @@ class KNNTimmAttention(_KNNAttention):
         return self.proj_drop(self.proj(out))
 
 
-class KNNLocallyGroupedSelfAttention(_KNNAttention, BaseModule):
+class KNNLocallyGroupedSelfAttention(_KNNBaseModule):
     """Twins-SVT's locally-grouped self-attention (mmseg's LSA) with k-NN selection.
 
     Each query keeps the top-k keys of its window (group). The feature map is zero-padded to
@@ -324,21 +329,11 @@ class KNNLocallyGroupedSelfAttention(_KNNAttention, BaseModule):
     Args:
         attention (nn.Module): mmseg's ``LocallyGroupedSelfAttention`` to replace; its
             ``qkv``, ``proj`` and dropouts are taken over.
-        topk (int | float): Keys kept per query out of the ``window_size ** 2`` of its
-            window, as in :func:`knn_attention`.
-        chunk_size (int, optional): Query rows per chunk. Defaults to None (automatic).
+        topk, chunk_size: See :class:`_KNNAttention` (keys out of the ``window_size ** 2``
+            of a window).
     """
 
-    def __init__(self,
-                 attention: nn.Module,
-                 topk: TopkSpec,
-                 chunk_size: Optional[int] = None) -> None:
-        super().__init__(init_cfg=attention.init_cfg)
-        self._take_over(attention, topk, chunk_size)
-        self.embed_dims = attention.embed_dims
-        self.num_heads = attention.num_heads
-        self.scale = attention.scale
-        self.window_size = attention.window_size
+    taken_attributes = ('embed_dims', 'num_heads', 'scale', 'window_size')
 
     def _padded_positions_mask(self, height: int, width: int,
                                device: torch.device) -> torch.Tensor:
