@@ -389,3 +389,31 @@ def test_unsupported_backbone_lists_supported_ones():
         convert_to_knn_attention(nn.Linear(2, 2), 0.5)
     with pytest.raises(TypeError, match='config dict'):
         build_kvt(0.5, 'mmdet.SwinTransformer')
+
+
+@pytest.mark.parametrize('name', ['mmdet.SwinTransformer', 'mmseg.SwinTransformer'])
+@pytest.mark.parametrize('size', [(36, 44), (60, 92)])
+@pytest.mark.parametrize('topk', [5, 20, 0.5])
+def test_swin_at_k_below_n_equals_the_tie_rule_reference_where_windows_pad(name, size, topk):
+    """Whole-model KVT-Swin against an independent reference of the documented tie rule (every
+    key at or above the k-th largest logit is kept), at sizes where Swin pads its 7x7 windows
+    (36x44: 9x11 tokens in 14x14 windows; 60x92: 15x23 in 21x28). The relative-position
+    tables are zeroed so that the zero-padded keys of a window give exactly tied logits."""
+    from transcriptions import plain_knn_backbone, threshold_knn_attention
+    _, wrapped = build_pair(name, topk=topk)
+    with torch.no_grad():
+        for key, param in wrapped.named_parameters():
+            if 'relative_position_bias_table' in key:
+                param.zero_()
+    wrapped = wrapped.double()
+    reference = plain_knn_backbone(copy.deepcopy(wrapped), attention=threshold_knn_attention)
+    # The authors' formulation keeps exactly k keys (torch.topk), dropping some tied ones.
+    exactly_k = plain_knn_backbone(copy.deepcopy(wrapped))
+    image = torch.randn(1, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        outs, expected, untied = wrapped(image), reference(image), exactly_k(image)
+    for out, ref in zip(outs, expected):
+        # float64 end to end: only summation order separates the two.
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    # The ties are real: choosing exactly k of them changes the output.
+    assert max((out - other).abs().max() for out, other in zip(outs, untied)) > 1e-3

@@ -14,10 +14,11 @@ serve two purposes:
 They live beside the tools, outside the installed package: the tests reach them through a
 path entry of ``tests/conftest.py``, the tools because a script's folder is on ``sys.path``.
 """
-from .kvt import mask_scatter_knn_attention, plain_knn_backbone
+from .kvt import mask_scatter_knn_attention, plain_knn_backbone, threshold_knn_attention
 from .lit import PlainLIT, PlainLITTi
 from .vvt import PlainVVT
 
 __all__ = [
-    'PlainLIT', 'PlainLITTi', 'PlainVVT', 'mask_scatter_knn_attention', 'plain_knn_backbone'
+    'PlainLIT', 'PlainLITTi', 'PlainVVT', 'mask_scatter_knn_attention', 'plain_knn_backbone',
+    'threshold_knn_attention'
 ]

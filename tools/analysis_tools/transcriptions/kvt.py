@@ -8,7 +8,7 @@ the modules' own projections, scale, relative-position bias and shifted-window m
 the two compute the same function with different kernels.
 """
 import types
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,17 @@ def mask_scatter_knn_attention(logits: Tensor, value: Tensor, topk: int) -> Tens
     return logits.softmax(dim=-1) @ value
 
 
+def threshold_knn_attention(logits: Tensor, value: Tensor, topk: int) -> Tensor:
+    """Softmax over every key whose logit is at or above each row's ``topk``-th largest
+    (the documented tie rule of :func:`~mmsparsevit.models.layers.knn_attention.knn_attention`:
+    keys tied at the threshold are all kept, where ``torch.topk`` keeps an arbitrary subset).
+
+    Args, returns: as for :func:`mask_scatter_knn_attention`.
+    """
+    threshold = torch.topk(logits, k=topk, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float('-inf')).softmax(dim=-1) @ value
+
+
 def _plain_window_msa_forward(self: nn.Module, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Swin's ``WindowMSA.forward`` with the softmax over each query's top-k keys."""
     batch_windows, tokens, channels = x.shape
@@ -50,7 +61,7 @@ def _plain_window_msa_forward(self: nn.Module, x: Tensor, mask: Optional[Tensor]
         logits = logits.view(batch_windows // windows, windows, self.num_heads, tokens, tokens)
         logits = logits.masked_fill(mask.unsqueeze(1).unsqueeze(0) != 0, float('-inf'))
         logits = logits.view(-1, self.num_heads, tokens, tokens)
-    out = mask_scatter_knn_attention(logits, v, resolve_topk(self.knn_topk, tokens))
+    out = self.plain_attention(logits, v, resolve_topk(self.knn_topk, tokens))
     out = out.transpose(1, 2).reshape(batch_windows, tokens, channels)
     return self.proj_drop(self.proj(out))
 
@@ -67,18 +78,22 @@ def _plain_multihead_forward(self: nn.MultiheadAttention, query: Tensor, key: Te
         for t, w, b in zip((query, key, value), self.in_proj_weight.chunk(3),
                            self.in_proj_bias.chunk(3)))
     logits = (q * head_dims**-0.5) @ k.transpose(-2, -1)
-    out = mask_scatter_knn_attention(logits, v, resolve_topk(self.knn_topk, k.shape[-2]))
+    out = self.plain_attention(logits, v, resolve_topk(self.knn_topk, k.shape[-2]))
     out = self.out_proj(out.transpose(1, 2).reshape(batch, queries, channels))
     return (out if self.batch_first else out.transpose(0, 1)), None
 
 
-def plain_knn_backbone(model: nn.Module) -> nn.Module:
-    """Give every k-NN attention module of a KVT backbone the mask-and-scatter formulation.
+def plain_knn_backbone(model: nn.Module,
+                       attention: Callable[[Tensor, Tensor, int], Tensor] = (
+                           mask_scatter_knn_attention)) -> nn.Module:
+    """Give every k-NN attention module of a KVT backbone a plain formulation.
 
     Args:
         model (nn.Module): A backbone built by ``type='mmsparsevit.KVT'`` from an
             mmdet/mmseg Swin (``KNNWindowMSA`` modules) or a PVT/PVTv2/MiT
             (``KNNMultiheadAttention`` modules).
+        attention (callable): ``(logits, value, topk) -> output``; the authors'
+            mask-and-scatter formulation by default, or :func:`threshold_knn_attention`.
 
     Returns:
         nn.Module: ``model``, changed in place (instance-level ``forward``).
@@ -94,6 +109,7 @@ def plain_knn_backbone(model: nn.Module) -> nn.Module:
         else:
             raise TypeError(f'no plain k-NN transcription for {type(module).__name__}')
         module.forward = types.MethodType(forward, module)
+        module.plain_attention = attention
         converted += 1
     if converted == 0:
         raise TypeError(f'{type(model).__name__} has no k-NN attention module (build it '
