@@ -1,5 +1,6 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """Transformer blocks of LIT: MLP-only blocks (early stages) and global-MSA blocks (late)."""
+import copy
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -36,6 +37,10 @@ class LITMLPBlock(CheckpointedBlock):
         with_cp (bool), init_cfg (dict, optional): As for :class:`CheckpointedBlock`.
     """
 
+    # The name of the FFN branch's norm: the authors' (and their checkpoints') ``norm`` in
+    # MLP-only blocks, ``norm2`` in attention blocks.
+    ffn_norm_name = 'norm'
+
     def __init__(self,
                  embed_dims: int,
                  mlp_ratio: float,
@@ -46,17 +51,21 @@ class LITMLPBlock(CheckpointedBlock):
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(with_cp=with_cp, init_cfg=init_cfg)
-        self.norm = build_norm_layer(norm_cfg, embed_dims)[1]
+        self.add_module(self.ffn_norm_name, build_norm_layer(norm_cfg, embed_dims)[1])
         self.ffn = _residual_ffn(embed_dims, mlp_ratio, drop_rate, drop_path_rate, act_cfg)
+
+    def ffn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + DropPath(FFN(LN(x)))``."""
+        return self.ffn(getattr(self, self.ffn_norm_name)(x), identity=x)
 
     def block_forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
         """Tokens (B, N, C) in and out; ``hw_shape`` is unused (the uniform block API)."""
-        return self.ffn(self.norm(x), identity=x)
+        return self.ffn_branch(x)
 
 
-class LITAttentionBlock(CheckpointedBlock):
+class LITAttentionBlock(LITMLPBlock):
     """Pre-norm transformer block with global MSA:
-    ``x + DropPath(MSA(LN(x)))`` then ``x + DropPath(FFN(LN(x)))``.
+    ``x + DropPath(MSA(LN(x)))`` then the FFN branch of :class:`LITMLPBlock`.
 
     Args:
         embed_dims (int): Token channels.
@@ -68,9 +77,10 @@ class LITAttentionBlock(CheckpointedBlock):
         drop_rate (float): Dropout after projections and inside the FFN. Defaults to 0.
         attn_drop_rate (float): Dropout on attention weights. Defaults to 0.
         drop_path_rate (float): Stochastic depth rate of both branches. Defaults to 0.
-        act_cfg, norm_cfg (dict): FFN activation and norm. Defaults to GELU and LN.
-        with_cp (bool), init_cfg (dict, optional): As for :class:`CheckpointedBlock`.
+        **kwargs: ``act_cfg``, ``norm_cfg``, ``with_cp``, ``init_cfg`` of :class:`LITMLPBlock`.
     """
+
+    ffn_norm_name = 'norm2'
 
     def __init__(self,
                  embed_dims: int,
@@ -81,12 +91,11 @@ class LITAttentionBlock(CheckpointedBlock):
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.,
-                 act_cfg: dict = dict(type='GELU'),
-                 norm_cfg: dict = dict(type='LN'),
-                 with_cp: bool = False,
-                 init_cfg: Optional[dict] = None) -> None:
-        super().__init__(with_cp=with_cp, init_cfg=init_cfg)
-        self.norm1 = build_norm_layer(norm_cfg, embed_dims)[1]
+                 **kwargs) -> None:
+        super().__init__(embed_dims, mlp_ratio, drop_rate=drop_rate,
+                         drop_path_rate=drop_path_rate, **kwargs)
+        # The attention branch's norm is configured as the FFN branch's.
+        self.norm1 = copy.deepcopy(self.norm2)
         self.attn = LITAttention(
             embed_dims,
             num_heads,
@@ -95,10 +104,7 @@ class LITAttentionBlock(CheckpointedBlock):
             proj_drop_rate=drop_rate,
             rel_pos_size=rel_pos_size)
         self.drop_path = build_dropout(dict(type='DropPath', drop_prob=drop_path_rate))
-        self.norm2 = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.ffn = _residual_ffn(embed_dims, mlp_ratio, drop_rate, drop_path_rate, act_cfg)
 
     def block_forward(self, x: torch.Tensor, hw_shape: Tuple[int, int]) -> torch.Tensor:
         """Tokens (B, N, C) of an (H, W) = ``hw_shape`` map in and out."""
-        x = x + self.drop_path(self.attn(self.norm1(x), hw_shape))
-        return self.ffn(self.norm2(x), identity=x)
+        return self.ffn_branch(x + self.drop_path(self.attn(self.norm1(x), hw_shape)))
