@@ -47,9 +47,10 @@ def test_training_curve_reads_loss_and_metric_of_the_newest_run(tmp_path):
     for run, scale in (('20260101_000000', 1.0), ('20260102_000000', 2.0)):
         folder = tmp_path / run / 'vis_data'
         folder.mkdir(parents=True)
-        records = [dict(loss=scale / step, lr=1e-3, step=step) for step in (50, 100, 150)]
-        records += [{'coco/bbox_mAP': 0.2 * scale, 'step': 100},
-                    {'coco/bbox_mAP': 0.4 * scale, 'step': 150}]
+        # As mmengine writes an iteration-based run: validations carry step 0 (their epoch).
+        train = [dict(loss=scale / step, lr=1e-3, step=step) for step in (50, 100, 150)]
+        records = [train[0], train[1], {'coco/bbox_mAP': 0.2 * scale, 'step': 0}, train[2],
+                   {'coco/bbox_mAP': 0.4 * scale, 'step': 0}]
         (folder / 'scalars.json').write_text('\n'.join(map(json.dumps, records)))
     losses, metrics = tool.read_scalars(str(tmp_path))
     assert losses == [(50, 2 / 50), (100, 2 / 100), (150, 2 / 150)]

@@ -108,22 +108,26 @@ def draw_gallery(cfg: Config, checkpoint: str, out_file: str, num_images: int, s
 
 def read_scalars(work_dir: str) -> Tuple[List[Tuple[int, float]], Dict[str, List]]:
     """Training losses and validation metrics, each as (iteration, value), from the newest
-    ``vis_data/scalars.json`` of a run folder."""
+    ``vis_data/scalars.json`` of a run folder (a metric at the training iteration after which
+    it was validated)."""
     # mmengine names each run's folder by its start time, so the last in order is the newest.
     logs = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))
     if not logs:
         raise FileNotFoundError(f'no */vis_data/scalars.json under {work_dir}: is it the '
                                 'folder of a training run?')
-    losses, metrics = [], {}
+    losses, metrics, iteration = [], {}, 0
     with open(logs[-1], encoding='utf-8') as file:
         for line in file:
             record = json.loads(line)
-            step = record.get('step', record.get('iter'))
             if 'loss' in record:
-                losses.append((step, record['loss']))
+                iteration = record['step']
+                losses.append((iteration, record['loss']))
+                continue
+            # mmengine logs a validation with its epoch as the step (0 in iteration-based
+            # runs); it ran after the last training iteration logged before it.
             for key, value in record.items():
                 if '/' in key or key in ('mIoU', 'aAcc', 'mAcc'):
-                    metrics.setdefault(key, []).append((step, value))
+                    metrics.setdefault(key, []).append((iteration, value))
     return losses, metrics
 
 
