@@ -1,15 +1,14 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """A checkpoint that does not fit the model stops tools/test.py and tools/inference.py (unless
 asked otherwise) and makes a ``load_from`` warn once with the counts."""
-import importlib
 import logging
 
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
-from tool_test_utils import DET_CONFIG, SEG_CONFIG, data_options, load_tool, make_fixture_data
+from tool_test_utils import (DET_CONFIG, SEG_CONFIG, data_options, load_tool, make_fixture_data,
+                             untrained_state_dict)
 
 from mmsparsevit.engine import weights_match
 from mmsparsevit.runtime import harden_train_config
@@ -20,18 +19,11 @@ def data_root(tmp_path_factory):
     return make_fixture_data(tmp_path_factory.mktemp('data'), num_train=2, num_val=1)
 
 
-def _model_state(config):
-    cfg = Config.fromfile(str(config))
-    init_default_scope(cfg.default_scope)
-    registry = importlib.import_module(f'{cfg.default_scope}.registry')
-    return registry.MODELS.build(cfg.model).state_dict()
-
-
 @pytest.fixture(scope='module')
 def checkpoints(tmp_path_factory):
     """The demo detector's own weights, and a segmentor's (another model entirely)."""
     folder = tmp_path_factory.mktemp('checkpoints')
-    own, other = _model_state(DET_CONFIG), _model_state(SEG_CONFIG)
+    own, other = untrained_state_dict(DET_CONFIG), untrained_state_dict(SEG_CONFIG)
     torch.save({'state_dict': own, 'meta': {}}, folder / 'detector.pth')
     torch.save({'state_dict': other, 'meta': {}}, folder / 'segmentor.pth')
     return folder, own, other

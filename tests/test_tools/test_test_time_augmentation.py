@@ -1,14 +1,10 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """tools/test.py --tta: flip TTA for a detector, multi-scale + flip for a segmentor, both
 evaluated end to end; configs without TTA settings and Mask R-CNN get a message."""
-import importlib
-
 import pytest
-import torch
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
-from tool_test_utils import DET_CONFIG, REPO_ROOT, SEG_CONFIG, data_options, load_tool, \
-    make_fixture_data
+from tool_test_utils import (DET_CONFIG, REPO_ROOT, SEG_CONFIG, data_options, load_tool,
+                             make_fixture_data, save_untrained_checkpoint)
 
 from mmsparsevit.runtime import ConfigCheckError
 
@@ -18,21 +14,12 @@ def data_root(tmp_path_factory):
     return make_fixture_data(tmp_path_factory.mktemp('data'), num_train=2, num_val=2)
 
 
-def _checkpoint(config, folder):
-    cfg = Config.fromfile(str(config))
-    init_default_scope(cfg.default_scope)
-    torch.manual_seed(0)
-    model = importlib.import_module(f'{cfg.default_scope}.registry').MODELS.build(cfg.model)
-    path = folder / f'{config.stem}.pth'
-    torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
-    return path
-
-
 @pytest.mark.parametrize('config,tta_type,metric', [(DET_CONFIG, 'DetTTAModel', 'coco/bbox_mAP'),
                                                     (SEG_CONFIG, 'SegTTAModel', 'mIoU')])
 def test_tta_runs_end_to_end_and_is_scored(config, tta_type, metric, data_root, tmp_path):
     tool = load_tool('test.py')
-    args = tool.parse_args([str(config), str(_checkpoint(config, tmp_path)), '--tta',
+    checkpoint = save_untrained_checkpoint(config, tmp_path / 'model.pth')
+    args = tool.parse_args([str(config), str(checkpoint), '--tta',
                             '--work-dir', str(tmp_path / 'work'), '--cfg-options',
                             *data_options(config, data_root)])
     cfg = tool.test_config(args)

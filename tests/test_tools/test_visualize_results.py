@@ -1,15 +1,12 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """tools/analysis_tools/visualize_results.py: the gallery (ground truth | prediction per test
 image, upscaled, in a grid) and the training curve (loss and validation metric)."""
-import importlib
 import json
 
 import mmcv
 import pytest
-import torch
-from mmengine.config import Config
-from mmengine.registry import init_default_scope
-from tool_test_utils import DET_CONFIG, SEG_CONFIG, load_tool, make_fixture_data
+from tool_test_utils import (DET_CONFIG, SEG_CONFIG, load_tool, make_fixture_data,
+                             save_untrained_checkpoint)
 
 
 @pytest.fixture(scope='module')
@@ -17,20 +14,12 @@ def data_root(tmp_path_factory):
     return make_fixture_data(tmp_path_factory.mktemp('data'), num_train=1, num_val=3)
 
 
-def _checkpoint(config, folder):
-    cfg = Config.fromfile(str(config))
-    init_default_scope(cfg.default_scope)
-    model = importlib.import_module(f'{cfg.default_scope}.registry').MODELS.build(cfg.model)
-    path = folder / 'model.pth'
-    torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
-    return path
-
-
 @pytest.mark.parametrize('config,dataset', [(DET_CONFIG, 'coco'), (SEG_CONFIG, 'ade')])
 def test_gallery_shows_ground_truth_beside_prediction_for_each_image(config, dataset,
                                                                      data_root, tmp_path):
     tool = load_tool('analysis_tools/visualize_results.py')
-    tool.main([str(config), str(_checkpoint(config, tmp_path)), '--out-dir', str(tmp_path),
+    checkpoint = save_untrained_checkpoint(config, tmp_path / 'model.pth')
+    tool.main([str(config), str(checkpoint), '--out-dir', str(tmp_path),
                '--num-images', '3', '--size', '128', '--score-thr', '0', '--cfg-options',
                f'test_dataloader.dataset.data_root={data_root / dataset}/'])
     gallery = mmcv.imread(str(tmp_path / 'gallery.png'))

@@ -1,6 +1,7 @@
 # Copyright (c) mmsparsevit contributors. All rights reserved.
 """Helpers for the tools tests: load a tool script as a module, make fixture data, run a tool."""
 import argparse
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -8,7 +9,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
+import torch
 from mmengine.config import Config, DictAction
+from mmengine.registry import init_default_scope
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DET_CONFIG = REPO_ROOT / 'configs' / 'demo' / 'retinanet_vvt-demo_fpn_shapes-coco.py'
@@ -66,3 +69,19 @@ def fixture_config(config: Path, data_root: Path, *options: str) -> Config:
     parsed = parser.parse_args(['--cfg-options', *data_options(config, data_root), *options])
     cfg.merge_from_dict(parsed.cfg_options)
     return cfg
+
+
+def untrained_state_dict(config: Path, seed: int = 0) -> dict:
+    """The state dict of ``config``'s model as built (random weights, seeded), through the
+    registry of its toolbox."""
+    cfg = Config.fromfile(str(config))
+    init_default_scope(cfg.default_scope)
+    torch.manual_seed(seed)
+    return importlib.import_module(f'{cfg.default_scope}.registry').MODELS.build(
+        cfg.model).state_dict()
+
+
+def save_untrained_checkpoint(config: Path, path: Path) -> Path:
+    """Write ``{'state_dict': untrained_state_dict(config), 'meta': {}}`` to ``path``."""
+    torch.save({'state_dict': untrained_state_dict(config), 'meta': {}}, path)
+    return path
