@@ -23,6 +23,7 @@ from mmengine.registry import VISUALIZERS
 
 import mmsparsevit.models  # noqa: F401  registers this package's modules
 from mmsparsevit.apis.inference import init_model
+from mmsparsevit.engine import WeightsMismatchError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -100,8 +101,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     image = read_image(args.image)
     cfg = Config.fromfile(args.config)
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-    predict_and_draw(cfg, args.checkpoint, image, args.out, args.score_thr, args.opacity,
-                     args.device, args.allow_partial_checkpoint)
+    try:
+        predict_and_draw(cfg, args.checkpoint, image, args.out, args.score_thr, args.opacity,
+                         args.device, args.allow_partial_checkpoint)
+    except WeightsMismatchError as err:
+        sys.exit(f'error: {err}')
     print(f'wrote {args.out}')
 
 

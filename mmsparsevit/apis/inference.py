@@ -1,12 +1,11 @@
 """Inference API: a detector or segmentor of a config with a checkpoint's weights."""
-import sys
 from typing import Union
 
 import torch.nn as nn
 from mmengine.config import Config
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from ..engine import WeightsMismatchError, match_checkpoint_to_model
+from ..engine import match_checkpoint_to_model
 
 __all__ = ['init_model', 'load_weights']
 
@@ -15,13 +14,12 @@ def load_weights(model: nn.Module, checkpoint: str, allow_partial: bool = False)
     """Load ``checkpoint`` (path or URL, our layout or the LIT authors' mmdet 2.x / mmseg 0.x
     files) into ``model``; the class names (and palette) stored with it become the model's.
 
-    Exits with a message when model weights would stay unloaded, unless ``allow_partial``.
+    Raises:
+        WeightsMismatchError: Model weights would stay unloaded and ``allow_partial`` is
+            False (see :func:`~mmsparsevit.engine.match_checkpoint_to_model`).
     """
     loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
-    try:
-        match_checkpoint_to_model(model, loaded, source=checkpoint, allow_partial=allow_partial)
-    except WeightsMismatchError as err:
-        sys.exit(f'error: {err}')
+    match_checkpoint_to_model(model, loaded, source=checkpoint, allow_partial=allow_partial)
     own = model.state_dict()
     model.load_state_dict({key: value for key, value in loaded['state_dict'].items()
                            if key in own and own[key].shape == value.shape}, strict=False)

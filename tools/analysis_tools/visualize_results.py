@@ -18,6 +18,7 @@ import math
 import os
 import os.path as osp
 import shutil
+import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,6 +32,7 @@ from mmengine.structures import PixelData
 
 import mmsparsevit.models  # noqa: F401  registers this package's modules
 from mmsparsevit.apis.inference import init_model
+from mmsparsevit.engine import WeightsMismatchError
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -160,8 +162,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     gallery = osp.join(args.out_dir, 'gallery.png')
-    count = draw_gallery(cfg, args.checkpoint, gallery, args.num_images, args.size,
-                         args.score_thr)
+    try:
+        count = draw_gallery(cfg, args.checkpoint, gallery, args.num_images, args.size,
+                             args.score_thr)
+    except WeightsMismatchError as err:
+        sys.exit(f'error: {err}')
     print(f'wrote {gallery} ({count} test images, ground truth | prediction)')
     if args.work_dir:
         curve = osp.join(args.out_dir, 'training_curve.png')
