@@ -247,4 +247,10 @@ def build_kvt(backbone: dict,
                         f'({_qualified_name(backbone_cls)}); supported: {_supported_types()}')
     # Validate topk before an expensive build; the stage count is checked again after it.
     topk_per_stage(topk, len(topk) if isinstance(topk, (list, tuple)) else 1)
-    return convert_to_knn_attention(MODELS.build(backbone), topk, chunk_size)
+    model = MODELS.build(backbone)
+    # mmdet's and mmseg's Swin apply frozen_stages only in train(), which mmengine's runner
+    # calls after DDP has registered the parameters that require gradients: DDP without the
+    # unused-parameter search would then wait for gradients of the frozen ones. A new module
+    # is in training mode already, so train() changes nothing but the freezing.
+    model.train()
+    return convert_to_knn_attention(model, topk, chunk_size)
