@@ -126,7 +126,12 @@ def test_autocast_cpu_bfloat16_forward_backward():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         low = dtm(x.bfloat16())
     assert low.dtype == torch.bfloat16
-    torch.testing.assert_close(low.float(), reference, rtol=0.05, atol=0.05)
+    # bfloat16 rounds the input, the offsets' convolution and the output (torchvision runs the
+    # deformable convolution itself in float32): at most one unit (eps / 2) each relative to
+    # the largest value, and one more for the batch statistics taken from rounded values
+    # (measured: 1.2 units).
+    unit = torch.finfo(torch.bfloat16).eps / 2
+    assert (low.float() - reference).abs().max() <= 4 * unit * reference.abs().max()
     low.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert dtm.weight.grad is not None and dtm.bias.grad is not None
