@@ -64,13 +64,13 @@ def test_url_downloads_once_into_torch_hub_cache_and_loads(checkpoint_server, we
     _publish(checkpoint_server, 'good.pth', {'state_dict': weights, 'meta': {'epoch': 1}})
     url = checkpoint_server.url('good.pth')
     loaded = CheckpointLoader.load_checkpoint(url, map_location='cpu')
-    torch.testing.assert_close(loaded['state_dict']['conv.weight'], weights['conv.weight'])
+    assert torch.equal(loaded['state_dict']['conv.weight'], weights['conv.weight'])
     cached = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'good.pth'
     assert checkpoint_cache_path(url) == str(cached) and cached.is_file()
     # A second load (offline, say) uses the cache: the server sees no second request.
     (checkpoint_server.root / 'good.pth').unlink()
     again = CheckpointLoader.load_checkpoint(url, map_location='cpu')
-    torch.testing.assert_close(again['state_dict']['conv.bias'], weights['conv.bias'])
+    assert torch.equal(again['state_dict']['conv.bias'], weights['conv.bias'])
     assert checkpoint_server.requests == ['/good.pth']
     assert not list(cached.parent.glob('*.partial'))
 
@@ -111,7 +111,7 @@ def test_sha256_in_fragment_or_name_is_checked(checkpoint_server, weights):
     path = _publish(checkpoint_server, 'pinned.pth', {'state_dict': weights})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     good = CheckpointLoader.load_checkpoint(checkpoint_server.url(f'pinned.pth#sha256={digest}'))
-    torch.testing.assert_close(good['state_dict']['conv.weight'], weights['conv.weight'])
+    assert torch.equal(good['state_dict']['conv.weight'], weights['conv.weight'])
     assert checkpoint_server.requests == ['/pinned.pth']  # the fragment is not sent
 
     wrong = 'f' * 64
@@ -207,7 +207,7 @@ def test_open_mmlab_name_of_a_local_file_under_mmengine_home(tmp_path, monkeypat
     torch.save({'state_dict': weights}, tmp_path / 'local.pth')
     (tmp_path / 'open_mmlab.json').write_text(json.dumps({'mine': 'local.pth'}))
     loaded = CheckpointLoader.load_checkpoint('open-mmlab://mine')
-    torch.testing.assert_close(loaded['state_dict']['conv.weight'], weights['conv.weight'])
+    assert torch.equal(loaded['state_dict']['conv.weight'], weights['conv.weight'])
     with pytest.raises(KeyError, match='open-mmlab://nothing is not a known checkpoint name'):
         CheckpointLoader.load_checkpoint('open-mmlab://nothing')
 
@@ -282,7 +282,7 @@ def test_foreign_class_becomes_inert_data_and_is_never_imported(tmp_path, missin
     monkeypatch.setattr(safe_checkpoint, 'print_log', lambda msg, **kwargs: logged.append(msg))
     loaded = load_checkpoint_file(str(path))
     assert 'yacs' not in sys.modules
-    torch.testing.assert_close(loaded['model']['conv.weight'], weights['conv.weight'])
+    assert torch.equal(loaded['model']['conv.weight'], weights['conv.weight'])
     node = loaded['config']
     assert isinstance(node, ForeignObject) and node.qualified_name == 'yacs.config.CfgNode'
     assert node.items['SEED'] == 0 and node.items['MODEL'].items == {'TYPE': 'lit'}

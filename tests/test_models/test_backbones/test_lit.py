@@ -57,6 +57,7 @@ def test_tiny_and_small_presets_shapes_and_registry():
     assert [o.shape for o in outs] == [(2, 128, 8, 12), (2, 512, 2, 3)]
     model = LIT(arch='small', drop_path_rate=0.2)
     assert [hasattr(model, f'norm{i}') for i in range(4)] == [False, True, True, True]
+    # The schedule computes 0.2 * i / (n - 1) in floating point, not the literal 0.2.
     assert model.stages[3].blocks[-1].ffn.dropout_layer.drop_prob == pytest.approx(0.2)
 
 
@@ -93,7 +94,8 @@ def test_with_cp_gives_the_same_outputs_and_grads():
         x = img.clone().requires_grad_()
         sum(o.square().mean() for o in model(x)).backward()
         grads.append(x.grad)
-    torch.testing.assert_close(grads[0], grads[1])
+    # Bitwise: recomputation repeats the same arithmetic.
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     assert all(block.with_cp for stage in checkpointed.stages for block in stage.blocks)
 
 
@@ -116,6 +118,8 @@ def test_attention_logits_is_the_override_point():
     plain = (q @ k.transpose(-2, -1)) * 0.5
     bias = logits - plain
     # Relative bias depends only on the displacement: tokens (0,0)->(1,1) and (1,2)->(2,3).
+    # The same table entries, recovered as float32 differences of logits of order 1, so a
+    # few eps of the logits apart (measured 1e-7): assert_close's float32 default atol 1e-5.
     torch.testing.assert_close(bias[0, :, 0, 5], bias[0, :, 6, 11])
 
 
@@ -149,9 +153,11 @@ def test_fused_attention_equals_softmax_of_attention_logits(rel_pos_size, fused_
         outs.append(out.detach())
         grads.append([inputs.grad] + [param.grad for param in attn.parameters()])
     assert len(fused_calls) == fused_calls_expected
+    # Float64, the fused kernel sums in another order: measured 1e-16 (1.3e-15 for the
+    # gradients).
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
     for fused_grad, materialised_grad in zip(*grads):
-        torch.testing.assert_close(fused_grad, materialised_grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fused_grad, materialised_grad, rtol=1e-12, atol=1e-12)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         low = fused.float()(x.float(), (4, 5))
     assert low.dtype == torch.bfloat16
@@ -189,8 +195,12 @@ def test_backbone_trains_under_bfloat16_autocast():
         reference = model(img)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = model(img)
+    # Some 28 bfloat16 roundings (patch embedding, DTMs, blocks) lie on the way to the last
+    # stages, each of at most one unit (eps / 2): independent ones add in quadrature, about
+    # 5.3 units; measured at most 3.4 units of the largest output. Bound: 8 units.
+    unit = torch.finfo(torch.bfloat16).eps / 2
     for a, b in zip(low, reference):
-        assert ((a.float() - b).abs().max() / b.abs().max()) < 0.1
+        assert ((a.float() - b).abs().max() / b.abs().max()) < 8 * unit
 
 
 def test_documented_offset_lr_multiplier_reaches_exactly_the_offset_convs():

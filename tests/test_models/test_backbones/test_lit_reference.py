@@ -53,7 +53,9 @@ def assert_faithful(ours, ref, sizes):
         img = torch.randn(2, 3, *size)
         with torch.no_grad():
             error = max_rel_error(ours(img), ref(img))
-        assert error < 1e-4, (size, error)
+        # float32 round-off against an independent transcription summing in another order:
+        # measured 1e-6 (8 eps) of the largest output.
+        assert error < 1e-5, (size, error)
 
 
 def load_ours(tmp_path, state_dict, name='ckpt.pth', **kwargs):

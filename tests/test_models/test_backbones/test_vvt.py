@@ -49,7 +49,9 @@ def test_preset_parameter_counts(arch, expected):
     assert model.num_features == (96, 160, 320, 512)
 
 
-@pytest.mark.parametrize('dtype,tolerance', [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+# An independent transcription sums in another order: round-off only, measured 6e-7 (5
+# eps) and 1.7e-15 (8 eps) of the largest output; margins of 15 and 60.
+@pytest.mark.parametrize('dtype,tolerance', [(torch.float32, 1e-5), (torch.float64, 1e-13)])
 def test_matches_official_model_with_converted_weights(dtype, tolerance):
     official = official_model().to(dtype)
     model = VVT(arch=SMALL_ARCH, drop_path_rate=0.).eval().to(dtype)
@@ -111,7 +113,8 @@ def test_init_cfg_loads_official_checkpoint(tmp_path, wrap):
     x = torch.randn(1, 3, 40, 40)
     with torch.no_grad():
         for out, ref in zip(model.eval()(x), official(x)):
-            assert relative_error(out, ref) < 1e-4
+            # float32 round-off against the transcription, as above (measured 7e-7).
+            assert relative_error(out, ref) < 1e-5
 
 
 def test_init_cfg_prefix_and_mismatch(tmp_path):
@@ -122,7 +125,9 @@ def test_init_cfg_prefix_and_mismatch(tmp_path):
     model = VVT(arch=SMALL_ARCH,
                 init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='backbone.'))
     model.init_weights()
-    torch.testing.assert_close(model.stages[3].norm.weight, official.norm4.weight)
+    # Loaded, not computed: bitwise.
+    torch.testing.assert_close(model.stages[3].norm.weight, official.norm4.weight, rtol=0,
+                               atol=0)
 
     other = tmp_path / 'other.pth'
     torch.save(official_model(dict(SMALL_ARCH, depths=(1, 1, 1, 1))).state_dict(), other)
@@ -236,7 +241,8 @@ def test_with_cp_same_outputs_and_gradients(monkeypatch):
         sum(out.pow(2).sum() for out in model(x)).backward()
     assert len(calls) == sum(SMALL_ARCH['depths'])
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
+        # Bitwise: recomputation repeats the same arithmetic.
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
 
 
 def test_gradients_reach_every_parameter():
@@ -251,6 +257,7 @@ def test_drop_path_rates_and_default_init():
     model = VVT(arch=SMALL_ARCH, drop_path_rate=0.4)
     rates = [getattr(block.drop_path, 'drop_prob', 0.) for stage in model.stages
              for block in stage.blocks]
+    # rate * i / (n - 1) in floating point, not the decimal literals.
     assert rates == pytest.approx([0., 0.1, 0.2, 0.3, 0.4])
     model.init_weights()
     fc1 = model.stages[0].blocks[0].ffn.fc1

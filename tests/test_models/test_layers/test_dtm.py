@@ -99,6 +99,9 @@ def test_learned_offsets_match_mmcv_deform_conv(mmcv_deform_conv):
         expected, _ = mmcv_deform_conv(x, offsets, dtm.weight, dtm.bias, stride=2)
         assert offsets.shape == (2, 8, 4, 6) and offsets.abs().min() > 0
         assert_rounding_close(dtm.deform_conv(x, offsets), expected)
+        # The kernels differ by rounding only (bounded just above), which eval-mode BatchNorm
+        # (unit statistics here) and GELU (slope below 1.13) carry over; measured bitwise
+        # equal, 1e-5 allows 84 float32 eps on values of order 1.
         torch.testing.assert_close(merged, F.gelu(dtm.norm(expected)), rtol=1e-5, atol=1e-5)
 
 

@@ -27,8 +27,9 @@ def test_sampling_points_in_image_pixels():
     offsets[0, 1, 2] = 0.5  # dy of tap (0, 0) of token (1, 2)
     points = tool.sampling_points(offsets, input_stride=8)
     # Tap (0, 1) of token (0, 0) reads input pixel (0, 1): image centre (3.5, 11.5).
-    np.testing.assert_allclose(points[0, 0, 1], [3.5, 11.5])
-    np.testing.assert_allclose(points[1, 2, 0], [(2 + 0.5 + 0.5) * 8 - 0.5, 35.5])
+    # Exact: half-pixel centres and offsets are sums of binary fractions.
+    np.testing.assert_array_equal(points[0, 0, 1], [3.5, 11.5])
+    np.testing.assert_array_equal(points[1, 2, 0], [(2 + 0.5 + 0.5) * 8 - 0.5, 35.5])
 
 
 def test_visualiser_writes_a_png_of_the_image_size(tmp_path, monkeypatch):
