@@ -33,7 +33,7 @@ from mmcv.ops import deform_conv2d as mmcv_deform_conv2d
 from torch import Tensor
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
-from measure.benchmark import time_in_turns
+from measure.benchmark import add_turn_arguments, time_in_turns
 from mmsparsevit.models import LIT
 from mmsparsevit.models.layers import DeformableTokenMerging
 
@@ -128,13 +128,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--arch', default='small', help='LIT preset whose DTM sizes are used')
     parser.add_argument('--size', type=int, default=512, help='square input side of LIT')
     parser.add_argument('--batch', type=int, default=1)
-    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
-    parser.add_argument(
-        '--timer', choices=('wall', 'cpu'), default='wall',
-        help='wall clock, or the CPU time of this process (all its threads), which other '
-        'processes on a busy shared machine disturb far less')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed rounds')
-    parser.add_argument('--rounds', type=int, default=10, help='timed rounds')
+    add_turn_arguments(parser, rounds=10)
     parser.add_argument(
         '--offset-std', type=float, default=1.0, help='std of the random offsets (pixels)')
     parser.add_argument('--out-json', help='write the rows and the environment as JSON')

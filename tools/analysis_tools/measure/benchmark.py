@@ -28,6 +28,7 @@ wall clock. Training = forward + backward of
 the sum of the outputs (``mode='tensor'`` for full models; no loss target assignment), with
 ``zero_grad(set_to_none=True)`` between passes.
 """
+import argparse
 import ctypes
 import gc
 import json
@@ -310,6 +311,18 @@ def measure_case(case: BenchmarkCase) -> Dict[str, Any]:
 
 _SHARED_SETTINGS = ('shape', 'batch_size', 'mode', 'device', 'warmup', 'repeats', 'threads',
                     'timer')
+
+
+def add_turn_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """Add the options of the tools that time in turns (:func:`time_in_turns`):
+    ``--threads``, ``--timer``, ``--warmup`` and ``--rounds`` (default ``rounds``)."""
+    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads')
+    parser.add_argument(
+        '--timer', choices=TIMERS, default='wall',
+        help='wall clock, or the CPU time of this process (all its threads), which other '
+        'processes on a busy shared machine disturb far less')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed rounds')
+    parser.add_argument('--rounds', type=int, default=rounds, help='timed rounds')
 
 
 def time_in_turns(
