@@ -5,7 +5,6 @@ import re
 from collections import OrderedDict
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
-import torch
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
 from mmcv.cnn.bricks.transformer import PatchEmbed
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 from mmsparsevit.registry import MODELS
 from mmsparsevit.utils.state_dict import unwrap_state_dict
 from ..layers.checkpointed_block import CheckpointedBlock
-from ..layers.shape_convert import nlc_to_nchw
+from ..layers.shape_convert import nchw_to_nlc, nlc_to_nchw
 from ..layers.vicinity_attention import VicinityAttention
 from .base import ConvertedCheckpoint, SparseViTBackbone
 
@@ -43,17 +42,15 @@ class VVTFFN(BaseModule):
         self.fc2 = nn.Linear(hidden_dims, embed_dims)
 
     def forward(self, x: Tensor, hw_shape: Tuple[int, int]) -> Tensor:
-        """Map (B, N, C) tokens of an ``hw_shape`` map to (B, N, C) (a transposed view)."""
-        batch = x.shape[0]
-        # The hidden activations are kept channel-major, (B, hidden, N): the depth-wise
-        # convolution then reads and writes plain NCHW and no layout copy is needed on
-        # either side of it (the linears become batched products with a transposed operand).
-        hidden = torch.baddbmm(self.fc1.bias[:, None], self.fc1.weight.expand(batch, -1, -1),
-                               x.transpose(1, 2))
-        hidden = self.act(self.dwconv(hidden.view(batch, -1, *hw_shape)))
-        out = torch.baddbmm(self.fc2.bias[:, None], self.fc2.weight.expand(batch, -1, -1),
-                            hidden.flatten(2))
-        return out.transpose(1, 2)
+        """Map (B, N, C) tokens of an ``hw_shape`` map to (B, N, C) tokens."""
+        # The hidden tokens (B, N, hidden) are handed to the depth-wise convolution as a
+        # channels-last view of the (B, hidden, H, W) map, which oneDNN keeps channels-last
+        # through the convolution and the activation: no layout copy on either side, and
+        # its channels-last depth-wise kernel is several times faster on the CPU than the
+        # channel-major one (tools/analysis_tools/benchmark_targets.py, docs/model_zoo.md).
+        hidden = nlc_to_nchw(self.fc1(x), hw_shape)
+        hidden = self.act(self.dwconv(hidden))
+        return self.fc2(nchw_to_nlc(hidden))
 
 
 class VVTBlock(CheckpointedBlock):

@@ -13,7 +13,7 @@ def nlc_to_nchw(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
         hw_shape (Sequence[int]): The map's (H, W).
 
     Returns:
-        Tensor: The map, a transposed view of ``x`` (not contiguous).
+        Tensor: The map, a channels-last view of ``x`` when ``x`` is contiguous.
 
     Raises:
         ValueError: If the token count is not H*W.
@@ -22,7 +22,11 @@ def nlc_to_nchw(x: Tensor, hw_shape: Sequence[int]) -> Tensor:
     batch, num_tokens, channels = x.shape
     if num_tokens != height * width:
         raise ValueError(f'{num_tokens} tokens do not form a {height}x{width} map')
-    return x.transpose(1, 2).reshape(batch, channels, height, width)
+    # Splitting the token axis before permuting keeps the batch stride H*W*C also for
+    # B = 1, so that the view reads as channels-last (``is_contiguous(channels_last)``
+    # and ``suggest_memory_format``): oneDNN's convolutions then run channels-last
+    # instead of copying the input to NCHW first.
+    return x.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def nchw_to_nlc(x: Tensor) -> Tensor:
