@@ -30,6 +30,15 @@ Example::
 
     python tools/analysis_tools/benchmark_knn_attention.py \\
         --sizes 49 196 784 3136 12544 --out work_dirs/knn_bench
+
+``--interleaved`` instead compares ``knn``, ``sdpa`` and ``mask_scatter`` side by side in
+this one process, forward alone (``no_grad``) and forward + backward, for every N of
+``--sizes`` and every k of ``--topks``: per round one pass of each, the order alternating
+(``time_in_turns`` of ``measure.benchmark``), and the ratios are medians of the per-round
+ratios, which a drift of the machine's speed between rounds does not move::
+
+    python tools/analysis_tools/benchmark_knn_attention.py --interleaved --threads 2 \\
+        --sizes 3136 12544 --topks 0.5 100 --batch-at 12544:1 --rounds-at 12544:3
 """
 import argparse
 import csv
@@ -46,11 +55,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from measure.benchmark import PeakMemoryProbe
+from measure.benchmark import PeakMemoryProbe, time_in_turns
 from mmsparsevit.models.layers.knn_attention import knn_attention, resolve_topk
 from transcriptions import mask_scatter_knn_attention
 
 METHODS = ('knn', 'mask_scatter', 'dense', 'sdpa')
+INTERLEAVED_METHODS = ('knn', 'sdpa', 'mask_scatter')
+PASSES = ('forward', 'forward+backward')
 
 
 def mask_scatter_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -111,19 +122,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default=None,
                         help='output prefix: writes <out>.csv and <out>.json')
+    parser.add_argument('--interleaved', action='store_true',
+                        help='time knn, sdpa and mask_scatter in turns in this process, '
+                        'forward and forward + backward (see the module doc)')
+    parser.add_argument('--topks', type=float, nargs='+', default=[0.5, 100],
+                        help='--interleaved: the k of each case, as --topk')
+    parser.add_argument('--rounds', type=int, default=5, help='--interleaved: timed rounds')
+    parser.add_argument('--batch-at', nargs='*', default=[], metavar='N:BATCH',
+                        help='--interleaved: another batch size for some N, e.g. 12544:1')
+    parser.add_argument('--rounds-at', nargs='*', default=[], metavar='N:ROUNDS',
+                        help='--interleaved: other timed rounds for some N, e.g. 12544:3')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--worker-size', type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def topk_for(args: argparse.Namespace, num_keys: int) -> int:
-    spec = int(args.topk) if args.topk > 1 else float(args.topk)
+def topk_for(args: argparse.Namespace, num_keys: int, topk: Optional[float] = None) -> int:
+    topk = args.topk if topk is None else topk
+    spec = int(topk) if topk > 1 else float(topk)
     return resolve_topk(spec, num_keys)
 
 
-def make_inputs(args: argparse.Namespace, size: int, device: torch.device):
+def make_inputs(args: argparse.Namespace, size: int, device: torch.device,
+                batch: Optional[int] = None):
     generator = torch.Generator().manual_seed(args.seed + size)
-    shape = (args.batch, args.heads, size, args.dim)
+    shape = (args.batch if batch is None else batch, args.heads, size, args.dim)
     tensors = [torch.randn(shape, generator=generator).to(device).requires_grad_()
                for _ in range(3)]
     grad_out = torch.randn(shape, generator=generator).to(device)
@@ -218,6 +241,78 @@ def run_case(args: argparse.Namespace, method: str, size: int,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def per_size(pairs: List[str], size: int, default: int) -> int:
+    """The value of ``N:VALUE`` pairs for ``size``, ``default`` where none is given."""
+    values = dict(pair.split(':') for pair in pairs)
+    return int(values.get(str(size), default))
+
+
+def timed_pass(fn: Callable, inputs, grad_out, topk: int, args, device,
+               kind: str) -> Callable[[], float]:
+    """A callable running one forward (no_grad) or forward + backward pass, timed."""
+
+    def step() -> float:
+        start = time.perf_counter()
+        if kind == 'forward':
+            with torch.no_grad(), autocast_context(args, device):
+                fn(*inputs, topk)
+        else:
+            forward_backward(fn, inputs, grad_out, topk, args, device)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    return step
+
+
+def median_ratio(numerator: List[float], denominator: List[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+def run_interleaved(args: argparse.Namespace) -> List[Dict]:
+    """knn vs sdpa vs mask_scatter for every (N, k, pass), timed in turns in this process."""
+    device = torch.device(args.device)
+    rows = []
+    print('| N | batch | k | pass | knn ms | sdpa ms | authors ms | knn / sdpa | '
+          'authors / knn | rounds | max abs diff knn vs authors (out, grads) |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
+    for size in args.sizes:
+        batch = per_size(args.batch_at, size, args.batch)
+        rounds = per_size(args.rounds_at, size, args.rounds)
+        inputs, grad_out = make_inputs(args, size, device, batch)
+        for spec in args.topks:
+            topk = topk_for(args, size, spec)
+            methods = [build_method(name, args.chunk_size) for name in INTERLEAVED_METHODS]
+            # Outputs and gradients of ours vs the authors' on these very inputs.
+            outputs = []
+            for fn in (methods[0], methods[2]):
+                out = forward_backward(fn, inputs, grad_out, topk, args, device)
+                outputs.append([out.detach().float()] + [t.grad.float() for t in inputs])
+            diffs = [(a - b).abs().max().item() for a, b in zip(*outputs)]
+            del outputs
+            for kind in PASSES:
+                steps = [timed_pass(fn, inputs, grad_out, topk, args, device, kind)
+                         for fn in methods]
+                times = [seconds[args.warmup:] for seconds in
+                         time_in_turns(steps, args.warmup + rounds)]
+                knn, sdpa, authors = times
+                row = dict(
+                    n=size, batch=batch, topk=topk, pass_=kind, rounds=rounds,
+                    knn_ms=1000 * statistics.median(knn),
+                    sdpa_ms=1000 * statistics.median(sdpa),
+                    mask_scatter_ms=1000 * statistics.median(authors),
+                    knn_over_sdpa=median_ratio(knn, sdpa),
+                    mask_scatter_over_knn=median_ratio(authors, knn),
+                    round_ms={name: [1000 * t for t in seconds]
+                              for name, seconds in zip(INTERLEAVED_METHODS, times)},
+                    max_abs_diff_out=diffs[0], max_abs_diff_grad=max(diffs[1:]))
+                rows.append(row)
+                print(f"| {size} | {batch} | {topk} | {kind} | {row['knn_ms']:.1f} | "
+                      f"{row['sdpa_ms']:.1f} | {row['mask_scatter_ms']:.1f} | "
+                      f"{row['knn_over_sdpa']:.2f} | {row['mask_scatter_over_knn']:.2f} | "
+                      f"{rounds} | {diffs[0]:.1e}, {max(diffs[1:]):.1e} |", flush=True)
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -226,6 +321,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.interleaved:
+        rows = run_interleaved(args)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            meta = dict(device=args.device, threads=torch.get_num_threads(),
+                        torch=torch.__version__, python=platform.python_version(),
+                        machine=platform.processor() or platform.machine(), amp=args.amp,
+                        dim=args.dim, heads=args.heads, warmup=args.warmup)
+            with open(args.out + '.json', 'w') as json_file:
+                json.dump(dict(meta=meta, results=rows), json_file, indent=2)
+        return
     skip = set(args.skip)
     rows, checks = [], []
     for size in args.sizes:

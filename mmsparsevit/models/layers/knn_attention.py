@@ -18,6 +18,12 @@ at the threshold attends to more than ``k`` keys (e.g. the zero-padded tokens Sw
 share one key); ``torch.topk`` keeps an arbitrary ``k`` of them. The selection is thus
 deterministic and independent of the key order, and equals the authors' wherever the k-th
 largest logit is unique.
+
+Under ONNX export the same selection is recorded on the whole logit matrix at once (``TopK``,
+comparison, ``Softmax``); without attention dropout the chunk loop traces into one
+``torch.compile`` graph, forward and backward (tested with ``fullgraph=True``). Attention
+dropout still breaks the graph: its masks are replayed in backward from a seeded
+``torch.Generator``, which Dynamo cannot trace.
 """
 import math
 from contextlib import nullcontext
@@ -248,6 +254,22 @@ class _KNNAttentionFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def _export_knn_attention(query: Tensor, key: Tensor, value: Tensor,
+                          attn_bias: Optional[Tensor], attn_mask: Optional[Tensor], topk: int,
+                          scale: float) -> Tensor:
+    """The selection of :class:`_KNNAttentionFunction` on the whole logit matrix at once.
+
+    This is what ONNX export records: the TorchScript exporter drops the chunk loop's slice
+    writes into its preallocated output (the exported graph returns garbage), and ``TopK``,
+    comparison and ``Softmax`` are plain ONNX operators. The tie rule is the same: every key
+    whose logit is at or above the row's k-th largest (``torch.topk``'s k-th value) is kept.
+    """
+    logits = _masked_logits(query * scale, key, attn_bias, attn_mask)
+    threshold = torch.topk(logits, topk, dim=-1).values[..., -1:]
+    weights = logits.masked_fill(logits < threshold, float('-inf')).softmax(dim=-1)
+    return torch.matmul(weights.to(value.dtype), value)
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast would give a matmul on ``device_type``, or None if it is off."""
     # Devices without autocast (meta, used for shape-only FLOP counting) make the query raise.
@@ -334,6 +356,11 @@ def knn_attention(query: Tensor,
         # Mirror autocast's casts for the matmuls, then run with autocast off so that the
         # backward recomputation sees exactly the forward's dtypes.
         query, key, value = query.to(cast_dtype), key.to(cast_dtype), value.to(cast_dtype)
+    if torch.onnx.is_in_onnx_export():
+        if dropout_p > 0:
+            raise ValueError('knn_attention exports without attention dropout: export the '
+                             f'model in eval mode (got dropout_p={dropout_p})')
+        return _export_knn_attention(query, key, value, attn_bias, attn_mask, k, float(scale))
     dropout_seed = 0
     if dropout_p > 0:
         dropout_seed = int(torch.randint(0, 2**62, (1, )).item())
