@@ -6,6 +6,7 @@ Examples:
     python tools/train.py CONFIG --resume                      # latest checkpoint in the work dir
     python tools/train.py CONFIG --resume work_dirs/x/iter_500.pth
     python tools/train.py CONFIG --cfg-options train_dataloader.batch_size=4
+    python tools/train.py CONFIG --cfg-options compile=True          # torch.compile the train step
 """
 import argparse
 import os.path as osp
