@@ -1,10 +1,9 @@
 """Stop (or skip the step) when the training loss or its gradients are NaN or infinite."""
 import logging
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from mmengine.dist import all_reduce
+from mmengine.dist import all_reduce, get_dist_info
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
@@ -23,11 +22,36 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss, or its gradients, became NaN or infinite."""
 
 
-def _all_ranks_agree(flag: bool, reference: torch.Tensor) -> bool:
-    """True on every rank when ``flag`` is true on any rank, so all ranks skip together."""
-    total = torch.tensor(float(flag), device=reference.device)
-    all_reduce(total, op='sum')
-    return bool(total.item() > 0)
+# What each rank contributes to the shared verdict.
+_FINITE, _INFINITE, _NAN = 0, 1, 2
+
+
+def _verdict(values: torch.Tensor) -> int:
+    if bool(values.isnan().any()):
+        return _NAN
+    return _FINITE if bool(values.isfinite().all()) else _INFINITE
+
+
+def _verdicts_of_all_ranks(verdict: int, reference: torch.Tensor) -> List[int]:
+    """Every rank's verdict, on every rank: one all-reduce of ``world_size`` integers.
+
+    Each rank fills its own slot of a zero vector, so the sum holds every rank's verdict and
+    all ranks take the same decision in the same step (none enters DDP's gradient all-reduce
+    or the optimizer step alone). Without a process group it is this process's verdict.
+    """
+    rank, world_size = get_dist_info()
+    verdicts = torch.zeros(world_size, dtype=torch.int32, device=reference.device)
+    verdicts[rank] = verdict
+    all_reduce(verdicts, op='sum')
+    return verdicts.tolist()
+
+
+def _failure(verdicts: List[int]) -> Optional[Tuple[str, List[int]]]:
+    """``(kind, ranks)`` of a step that some rank found non-finite, else None."""
+    ranks = [rank for rank, verdict in enumerate(verdicts) if verdict != _FINITE]
+    if not ranks:
+        return None
+    return ('NaN' if _NAN in verdicts else 'infinite'), ranks
 
 
 @HOOKS.register_module()
@@ -36,9 +60,16 @@ class NonFiniteLossHook(Hook):
 
     Before the optimizer wrapper back-propagates a loss, the loss is checked; before it
     steps, the gradients are (a finite loss can still have non-finite gradients, e.g. a
-    square root or a normalisation at zero). Each verdict is shared across ranks. A bad step
-    never reaches the optimizer, so the weights, the optimizer state and the next checkpoint
-    stay those of the last good step. Then:
+    square root or a normalisation at zero). A bad step never reaches the optimizer, so the
+    weights, the optimizer state and the next checkpoint stay those of the last good step.
+
+    Under distributed training each check is collective: every rank learns every rank's
+    verdict in the same step, before any of them back-propagates (and so enters DDP's
+    gradient all-reduce) or steps the optimizer, and all of them stop, or all skip, together,
+    with a message naming the iteration and the rank(s) at fault. No rank waits in an
+    all-reduce the others never join, and the replicas' weights stay equal. The cost is one
+    all-reduce of ``world_size`` integers before each backward and one before each optimizer
+    step, and only when a process group is running. Then:
 
     - ``action='stop'`` ends training with :class:`NonFiniteLossError`, whose message names
       the iteration, every loss term, the batch's image files and, for gradients, the
@@ -86,8 +117,9 @@ class NonFiniteLossHook(Hook):
         self.check_gradients = check_gradients
         self.skipped_steps = 0
         self._consecutive_skips = 0
-        self._bad_loss: Optional[float] = None
-        self._bad_gradients: Optional[Tuple[str, List[str]]] = None
+        # (kind, ranks) of the failed check, and for gradients the parameters at fault here.
+        self._bad_loss: Optional[Tuple[str, List[int]]] = None
+        self._bad_gradients: Optional[Tuple[Tuple[str, List[int]], List[str]]] = None
         self._parameter_names: Dict[int, str] = {}
 
     def before_train(self, runner) -> None:
@@ -119,9 +151,9 @@ class NonFiniteLossHook(Hook):
         def make_guarded(update_params):
 
             def guarded_update_params(loss: torch.Tensor, *args, **kwargs) -> None:
-                finite = bool(torch.isfinite(loss.detach()).all())
-                if _all_ranks_agree(not finite, loss):
-                    self._bad_loss = float(loss.detach().float().sum())
+                failure = _failure(_verdicts_of_all_ranks(_verdict(loss.detach()), loss))
+                if failure is not None:
+                    self._bad_loss = failure
                     return
                 update_params(loss, *args, **kwargs)
 
@@ -144,12 +176,13 @@ class NonFiniteLossHook(Hook):
                     return
                 finite = torch.stack(
                     [parameter.grad.isfinite().all() for parameter in parameters])
-                if _all_ranks_agree(not bool(finite.all()), finite):
-                    bad = [p for p, ok in zip(parameters, finite.tolist()) if not ok]
-                    kind = 'NaN' if any(p.grad.isnan().any() for p in bad) else 'infinite'
-                    self._bad_gradients = (kind, [
+                bad = [p for p, ok in zip(parameters, finite.tolist()) if not ok]
+                verdict = max((_verdict(p.grad) for p in bad), default=_FINITE)
+                failure = _failure(_verdicts_of_all_ranks(verdict, finite))
+                if failure is not None:
+                    self._bad_gradients = failure, [
                         self._parameter_names.get(id(p), '<unnamed>') for p in bad
-                    ])
+                    ]
                     return
                 step(**kwargs)
 
@@ -166,17 +199,18 @@ class NonFiniteLossHook(Hook):
             self._consecutive_skips = 0
             return
         if self._bad_loss is not None:
-            kind = 'NaN' if math.isnan(self._bad_loss) else 'infinite'
+            kind, ranks = self._bad_loss
             message = self._describe(runner, f'the training loss is {kind}', outputs,
-                                     data_batch)
+                                     data_batch, ranks)
         else:
-            kind, names = self._bad_gradients
+            (kind, ranks), names = self._bad_gradients
             message = self._describe(runner, f'the gradients are {kind} although the loss is '
-                                     'finite', outputs, data_batch)
+                                     'finite', outputs, data_batch, ranks)
             shown = ', '.join(names[:_MAX_QUOTED_PARAMETERS])
             more = len(names) - _MAX_QUOTED_PARAMETERS
-            message += (f'; non-finite gradients in {len(names)} parameter(s): {shown}'
-                        f'{f" and {more} more" if more > 0 else ""}')
+            if names:
+                message += (f'; non-finite gradients in {len(names)} parameter(s): {shown}'
+                            f'{f" and {more} more" if more > 0 else ""}')
         self._bad_loss = self._bad_gradients = None
         self.skipped_steps += 1
         self._consecutive_skips += 1
@@ -195,14 +229,25 @@ class NonFiniteLossHook(Hook):
                   logger='current', level=logging.WARNING)
 
     @staticmethod
-    def _describe(runner, problem: str, outputs: Optional[Dict[str, Any]],
-                  data_batch: Any) -> str:
+    def _describe(runner,
+                  problem: str,
+                  outputs: Optional[Dict[str, Any]],
+                  data_batch: Any,
+                  ranks: Sequence[int] = ()) -> str:
+        """The message; under DDP it names the ranks at fault, and the loss terms and images
+        quoted are those of the rank that writes it (each rank logs its own)."""
         terms = ', '.join(f'{name}={float(value):.4g}' for name, value in (outputs or {}).items()
                           if _is_number(value))
         images = _batch_images(data_batch)
         where = f' (batch images: {", ".join(images)})' if images else ''
-        return (f'{problem} at iteration {runner.iter + 1} (epoch '
-                f'{runner.epoch + 1}){": " + terms if terms else ""}{where}')
+        rank, world_size = get_dist_info()
+        on_ranks, terms_intro = '', ': '
+        if world_size > 1:
+            on_ranks = (f' on rank{"s" if len(ranks) > 1 else ""} '
+                        f'{", ".join(map(str, ranks))} of {world_size}')
+            terms_intro = f'; rank {rank} had '
+        return (f'{problem}{on_ranks} at iteration {runner.iter + 1} (epoch '
+                f'{runner.epoch + 1}){terms_intro + terms if terms else ""}{where}')
 
 
 def _is_number(value: Any) -> bool:
