@@ -16,7 +16,8 @@ from .resume import find_resumable_checkpoint
 __all__ = ['harden_train_config', 'harden_test_config']
 
 _ENGINE_MODULE = 'mmsparsevit.engine'
-_HOOKS = ('mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook')
+_HOOKS = ('mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook',
+          'mmsparsevit.RandomStateHook')
 _WEIGHTS_MATCH = 'mmsparsevit.WeightsMatchHook'
 _SAMPLE_CHECK = 'mmsparsevit.CheckLoadedSample'
 _ANNOTATION_LOADERS = ('LoadAnnotations', 'LoadPanopticAnnotations')
@@ -91,6 +92,8 @@ def harden_train_config(cfg: Config) -> Config:
     - a NaN/infinite loss stops training before it touches the weights
       (``NonFiniteLossHook``, unless the config already lists one, e.g. with
       ``action='skip'``);
+    - every checkpoint keeps each rank's random generator states and resuming restores
+      them, so a resumed run continues the interrupted one (``RandomStateHook``);
     - the training annotations are audited before the first iteration (``DataAuditHook``)
       and every loaded sample is checked (``CheckLoadedSample`` after the annotation loader
       of each pipeline);

@@ -58,7 +58,7 @@ def test_train_run_logs_each_addition_of_the_hardening(data_root, tmp_path, monk
         "default_hooks.checkpoint.backend_args = dict(backend='local_atomic')",
         "custom_imports.imports += ['mmsparsevit.engine']",
         "custom_hooks = [dict(type='mmsparsevit.NonFiniteLossHook'), "
-        "dict(type='mmsparsevit.DataAuditHook'), "
+        "dict(type='mmsparsevit.DataAuditHook'), dict(type='mmsparsevit.RandomStateHook'), "
         "dict(type='mmsparsevit.WeightsMatchHook', allow_partial=True)]",
     ]
 
@@ -73,6 +73,7 @@ def test_train_run_with_a_resume_logs_the_checkpoint_it_picked(data_root, tmp_pa
     assert f"load_from = '{checkpoint}'  # was None" in changes
     # The config's own NonFiniteLossHook is kept; the others are appended after it.
     assert changes[-1] == ("custom_hooks += [dict(type='mmsparsevit.DataAuditHook'), "
+                           "dict(type='mmsparsevit.RandomStateHook'), "
                            "dict(type='mmsparsevit.WeightsMatchHook', allow_partial=True)]")
 
 
