@@ -59,7 +59,8 @@ fi
 
 step "mmengine and runtime dependencies"
 "${PIP[@]}" install -q 'mmengine==0.10.7' 'numpy' 'opencv-python-headless' 'pycocotools' \
-    'matplotlib' 'ftfy' 'regex' 'timm' 'pytest' 'scipy' 'shapely' 'terminaltables' 'prettytable'
+    'matplotlib' 'ftfy' 'regex' 'timm' 'pytest' 'scipy' 'shapely' 'terminaltables' 'prettytable' \
+    'onnx' 'onnxruntime'
 
 if have_version mmcv "$MMCV_VERSION" && "$PY" -c 'import mmcv.ops' 2>/dev/null; then
     step "mmcv $MMCV_VERSION with ops already installed"
