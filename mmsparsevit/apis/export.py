@@ -44,16 +44,10 @@ DEFAULT_OPSET = 19
 KNN_ATTENTION = (KNNWindowMSA, KNNMultiheadAttention, KNNLITAttention,
                  KNNLocallyGroupedSelfAttention)
 KNN_EXPORT_FAILURE = (
-    'k-NN attention (KVT) does not export to ONNX: the TorchScript exporter turns the chunked '
-    'top-k attention of mmsparsevit.models.layers.knn_attention (_KNNAttentionFunction, a '
-    'torch.autograd.Function that fills new_empty buffers in place and selects keys with '
-    'torch.ge(..., out=...)) into a constant tensor that does not depend on the input (outside '
-    "an autograd.Function the exporter rejects that torch.ge: 'ge() takes 3 positional "
-    "arguments but 4 were given'); with a fractional topk the export already fails in "
-    'resolve_topk (round() of the key count, a tensor while exporting). What would fix it: '
-    'an out-of-place path of knn_attention taken under torch.onnx.is_in_onnx_export() (TopK '
-    '-> k-th value as threshold -> Where(logits >= threshold, logits, -inf) -> Softmax -> '
-    'MatMul; all ONNX ops onnxruntime runs) and an int key count in resolve_topk')
+    'k-NN attention (KVT) with a fractional topk does not export to ONNX: resolve_topk rounds '
+    'the key count with round(), which is a tensor while exporting. An integer topk exports '
+    '(knn_attention takes its whole-matrix TopK path under torch.onnx.is_in_onnx_export()). '
+    'What would fix it: a key count computed with integer tensor ops in resolve_topk')
 
 
 class ExportError(RuntimeError):
