@@ -46,8 +46,7 @@ class VVTFFN(BaseModule):
         # The hidden tokens (B, N, hidden) are handed to the depth-wise convolution as a
         # channels-last view of the (B, hidden, H, W) map, which oneDNN keeps channels-last
         # through the convolution and the activation: no layout copy on either side, and
-        # its channels-last depth-wise kernel is several times faster on the CPU than the
-        # channel-major one (tools/analysis_tools/benchmark_targets.py, docs/model_zoo.md).
+        # oneDNN's channels-last depth-wise kernel instead of its slower channel-major one.
         hidden = nlc_to_nchw(self.fc1(x), hw_shape)
         hidden = self.act(self.dwconv(hidden))
         return self.fc2(nchw_to_nlc(hidden))

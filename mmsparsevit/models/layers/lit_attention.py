@@ -168,11 +168,10 @@ class LITAttention(BaseModule):
         """``softmax(attention_logits) @ value`` in one fused kernel.
 
         PyTorch's flash kernels (CPU and CUDA) never materialise the (B, heads, N, N)
-        weights: 2-2.5x faster than the materialised softmax on the CPU at N >= 1024
-        (measured). With a relative-position ``bias`` (added to the logits as a float
-        mask) the CPU's fused forward measured 3.8x faster than the materialised softmax
-        at 32 x 32 tokens, but its backward is slower than the materialised one (measured with
-        torch 2.12), so ``forward`` takes this path for biased attention only while
+        weights, which makes them faster than the materialised softmax. With a
+        relative-position ``bias`` (added to the logits as a float mask) that holds for the
+        CPU's fused forward, but not for its backward, which is slower than the materialised
+        one in torch 2.12; so ``forward`` takes this path for biased attention only while
         autograd records nothing through it.
         """
         return F.scaled_dot_product_attention(
