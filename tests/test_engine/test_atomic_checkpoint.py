@@ -176,6 +176,6 @@ def test_train_tool_runs_every_config_hardened(tmp_path, monkeypatch):
     assert cfg.default_hooks.checkpoint.backend_args == dict(backend='local_atomic')
     assert [hook['type'] for hook in cfg.custom_hooks] == [
         'mmsparsevit.NonFiniteLossHook', 'mmsparsevit.DataAuditHook',
-        'mmsparsevit.WeightsMatchHook']
+        'mmsparsevit.RandomStateHook', 'mmsparsevit.WeightsMatchHook']
     assert 'mmsparsevit.engine' in cfg.custom_imports.imports
     assert dict(type='mmsparsevit.CheckLoadedSample') in cfg.train_dataloader.dataset.pipeline
