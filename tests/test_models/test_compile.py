@@ -56,15 +56,13 @@ SIZES = ((64, 64), (96, 96), (80, 112), (64, 64))
 # graphs compiled by each call of SIZES, with why each recompile after the second happens.
 EXPECTED = {
     'VVT': dict(graph_breaks=0, graphs_per_call=(1, 1, 0, 0)),
-    # lit_attention.py:100 resizes the relative-position table only when the map differs
-    # from the table's size: stage 3 of 80x112 has 2 rows, like the 64x64 table.
-    'LIT': dict(graph_breaks=0, graphs_per_call=(1, 1, 1, 0)),
+    'LIT': dict(graph_breaks=0, graphs_per_call=(1, 1, 0, 0)),
     # Compiled with dynamic=False: mmdet's Swin takes about 90 s to trace with symbolic sizes
     # (on 2 CPU cores), so every new size is a static graph here. With automatic dynamic
     # sizes it also recompiles at 80x112 (mmdet swin.py:249 branches on the window padding).
     'KVT-Swin': dict(graph_breaks=0, graphs_per_call=(1, 1, 1, 0)),
-    # knn_attention.py:173 unrolls the loop over query chunks, so every token count is a
-    # graph of its own.
+    # _KNNAttentionFunction's loop over query chunks (knn_attention.py) is unrolled, so every
+    # token count is a graph of its own.
     'KVT-PVTv2': dict(graph_breaks=0, graphs_per_call=(1, 1, 1, 0)),
 }
 DYNAMIC = {'KVT-Swin': False}

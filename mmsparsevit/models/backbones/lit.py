@@ -95,10 +95,10 @@ class LITStage(BaseModule):
 
     def resized_pos_embed(self, hw_shape: Tuple[int, int]) -> torch.Tensor:
         """Absolute position embedding as tokens (1, H*W, C) for an H x W map."""
-        pos_embed = self.pos_embed
-        if tuple(pos_embed.shape[2:]) != tuple(hw_shape):
-            pos_embed = F.interpolate(pos_embed, size=hw_shape, mode='bilinear')
-        return nchw_to_nlc(pos_embed)
+        # Resized unconditionally, as the attention's relative-position table is: bilinear
+        # resampling to the embedding's own size is the identity, and no branch on the map
+        # size means no torch.compile recompile for it.
+        return nchw_to_nlc(F.interpolate(self.pos_embed, size=hw_shape, mode='bilinear'))
 
     def forward(self, x: torch.Tensor,
                 hw_shape: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:

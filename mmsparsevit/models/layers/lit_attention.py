@@ -97,11 +97,13 @@ class LITAttention(BaseModule):
         """Bias of shape (heads, H*W, H*W) for an H x W map, from the (resized) table."""
         height, width = hw_shape
         ref_h, ref_w = self.rel_pos_size
-        per_head = self.relative_position_bias_table.t()
-        if (height, width) != (ref_h, ref_w):
-            grid = per_head.reshape(1, self.num_heads, 2 * ref_h - 1, 2 * ref_w - 1)
-            grid = F.interpolate(grid, size=(2 * height - 1, 2 * width - 1), mode='bicubic')
-            per_head = grid.reshape(self.num_heads, -1)
+        # Resized unconditionally: at the table's own size bicubic resampling is the identity
+        # (every sample falls on a source point), and a branch on the map size would make
+        # torch.compile recompile for each map that matches the table in one dimension.
+        table = self.relative_position_bias_table.t()
+        grid = table.reshape(1, self.num_heads, 2 * ref_h - 1, 2 * ref_w - 1)
+        grid = F.interpolate(grid, size=(2 * height - 1, 2 * width - 1), mode='bicubic')
+        per_head = grid.reshape(self.num_heads, -1)
         # Gathering along the per-head rows writes each head's N x N block contiguously: 3x
         # faster on the CPU (measured at 32 x 32 tokens) than indexing the (T, heads) table
         # and permuting the result.
