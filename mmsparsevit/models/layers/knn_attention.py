@@ -84,6 +84,15 @@ def resolve_topk(topk: TopkSpec, num_keys: int) -> int:
     return max(1, min(num_keys, math.ceil(round(topk * num_keys, 6))))
 
 
+def _traced_key_count(fraction: float, num_keys: Union[int, Tensor]) -> Tensor:
+    """:func:`resolve_topk` of a fraction in tensor operations, for ONNX export: the exporter
+    traces sizes as tensors, and a graph with dynamic axes must compute the count of each
+    input's key count, not the example's."""
+    keys = torch.as_tensor(num_keys, dtype=torch.float64)
+    count = torch.ceil(torch.round(keys * fraction * 1e6) / 1e6)
+    return count.clamp(min=1).minimum(keys).to(torch.int64)
+
+
 def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
     """Whether a tensor of ``shape`` broadcasts to ``target`` without changing it."""
     if len(shape) > len(target):
@@ -255,7 +264,8 @@ class _KNNAttentionFunction(torch.autograd.Function):
 
 
 def _export_knn_attention(query: Tensor, key: Tensor, value: Tensor,
-                          attn_bias: Optional[Tensor], attn_mask: Optional[Tensor], topk: int,
+                          attn_bias: Optional[Tensor], attn_mask: Optional[Tensor],
+                          topk: Union[int, Tensor],
                           scale: float) -> Tensor:
     """The selection of :class:`_KNNAttentionFunction` on the whole logit matrix at once.
 
@@ -328,7 +338,10 @@ def knn_attention(query: Tensor,
         if tensor is not None and not _broadcasts_to(tensor.shape, logits_shape):
             raise ValueError(f'{name} of shape {tuple(tensor.shape)} does not broadcast to '
                              f'the logits shape {tuple(logits_shape)}')
-    k = resolve_topk(topk, num_keys)
+    if torch.onnx.is_in_onnx_export() and not isinstance(topk, Integral):
+        k = _traced_key_count(topk, num_keys)
+    else:
+        k = resolve_topk(topk, num_keys)
     if scale is None:
         scale = query.shape[-1]**-0.5
 
