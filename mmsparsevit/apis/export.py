@@ -17,6 +17,7 @@ graph at a second input size too and refuses it when the graph is specialised to
 """
 import inspect
 import io
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -26,10 +27,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from ..models.layers.knn_attention_modules import (KNNLITAttention,
-                                                   KNNLocallyGroupedSelfAttention,
-                                                   KNNMultiheadAttention, KNNWindowMSA)
 
 __all__ = [
     'DetectorExport', 'ExportError', 'RELATIVE_TOLERANCE', 'SegmentorExport', 'compare',
@@ -41,13 +38,6 @@ __all__ = [
 RELATIVE_TOLERANCE = 1e-4
 DEFORM_CONV_OPSET = 19  # the first ONNX opset with DeformConv
 DEFAULT_OPSET = 19
-KNN_ATTENTION = (KNNWindowMSA, KNNMultiheadAttention, KNNLITAttention,
-                 KNNLocallyGroupedSelfAttention)
-KNN_EXPORT_FAILURE = (
-    'k-NN attention (KVT) with a fractional topk does not export to ONNX: resolve_topk rounds '
-    'the key count with round(), which is a tensor while exporting. An integer topk exports '
-    '(knn_attention takes its whole-matrix TopK path under torch.onnx.is_in_onnx_export()). '
-    'What would fix it: a key count computed with integer tensor ops in resolve_topk')
 
 
 class ExportError(RuntimeError):
@@ -204,14 +194,25 @@ class DetectorExport(nn.Module):
 
     def _decode(self, priors: torch.Tensor, deltas: torch.Tensor,
                 img_shape: Tuple[int, int]) -> torch.Tensor:
-        """``DeltaXYWHBBoxCoder.decode``: its ONNX branch imports ``mmdet.core``, which mmdet
-        3.x no longer has, so the clipping of its eager branch is written out here."""
-        from mmdet.models.task_modules.coders.delta_xywh_bbox_coder import delta2bbox
+        """``DeltaXYWHBBoxCoder.decode`` written out: mmdet's ``delta2bbox`` returns early when
+        there are no boxes, which tracing would record as the example's branch (an example
+        without candidates gave a graph returning raw deltas), and its ONNX branch imports
+        ``mmdet.core``, which mmdet 3.x no longer has."""
         coder = self.detector.bbox_head.bbox_coder
         # The head calls decode without it, so decode's default applies.
         wh_ratio_clip = inspect.signature(coder.decode).parameters['wh_ratio_clip'].default
-        boxes = delta2bbox(priors, deltas, coder.means, coder.stds, None, wh_ratio_clip,
-                           coder.clip_border, coder.add_ctr_clamp, coder.ctr_clamp)
+        max_ratio = abs(math.log(wh_ratio_clip))
+        deltas = deltas * deltas.new_tensor(coder.stds) + deltas.new_tensor(coder.means)
+        sizes = priors[:, 2:] - priors[:, :2]
+        shifts = sizes * deltas[:, :2]
+        if coder.add_ctr_clamp:
+            shifts = shifts.clamp(min=-coder.ctr_clamp, max=coder.ctr_clamp)
+            log_scales = deltas[:, 2:].clamp(max=max_ratio)
+        else:
+            log_scales = deltas[:, 2:].clamp(min=-max_ratio, max=max_ratio)
+        centres = (priors[:, :2] + priors[:, 2:]) * 0.5 + shifts
+        sizes = sizes * log_scales.exp()
+        boxes = torch.cat([centres - sizes * 0.5, centres + sizes * 0.5], dim=-1)
         if not coder.clip_border:
             return boxes
         height, width = img_shape
@@ -220,7 +221,6 @@ class DetectorExport(nn.Module):
         return torch.where(boxes > limit, limit, boxes)
 
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from torchvision.ops import batched_nms
         head = self.detector.bbox_head
         img_shape = tuple(image.shape[-2:])
         cls_scores, bbox_preds = head(self.detector.extract_feat(self.preprocess(image)))
@@ -234,8 +234,24 @@ class DetectorExport(nn.Module):
             valid = ((boxes[:, 2] - boxes[:, 0] > self.min_bbox_size)
                      & (boxes[:, 3] - boxes[:, 1] > self.min_bbox_size))
             boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
-        keep = batched_nms(boxes, scores, labels, self.iou_threshold)[:self.max_per_img]
+        keep = _class_wise_nms(boxes, scores, labels, self.iou_threshold)[:self.max_per_img]
         return boxes[keep], scores[keep], labels[keep]
+
+
+def _class_wise_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                    iou_threshold: float) -> torch.Tensor:
+    """Indices kept by NMS within each class, best first: the kept set of mmcv's and
+    torchvision's ``batched_nms``, without their branches on the number of boxes.
+
+    Both return early for no boxes (and mmcv loops over classes above 10000), which tracing
+    records as the example's branch: an example without candidate boxes gave a graph that
+    returns none for every image. Here one path serves any count: each class's boxes are
+    shifted by the label times (largest coordinate + 1), which keeps the classes apart for
+    boxes clipped to the image (mmcv assumes non-negative coordinates as well), then one NMS.
+    """
+    from torchvision.ops import nms
+    largest = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    return nms(boxes + (labels.to(boxes) * (largest + 1))[:, None], scores, iou_threshold)
 
 
 class SegmentorExport(nn.Module):
@@ -362,10 +378,6 @@ def compare(expected: Sequence[torch.Tensor], results: Sequence[np.ndarray],
     return errors
 
 
-def _knn_modules(module: nn.Module) -> List[str]:
-    return [name for name, child in module.named_modules() if isinstance(child, KNN_ATTENTION)]
-
-
 def export_onnx(module: nn.Module,
                 shape: Sequence[int],
                 output: Optional[str] = None,
@@ -398,11 +410,10 @@ def export_onnx(module: nn.Module,
 
     Raises:
         ExportError: The model does not export, or the graph computes something else (a
-            k-NN attention; a graph specialised to the example size under ``dynamic``).
+            graph specialised to the example size under ``dynamic``).
     """
     _register_symbolics()
     module.eval()  # not `module = module.eval()`: mmdet Swin's train() returns None
-    knn = _knn_modules(module)
     generator = torch.Generator().manual_seed(seed)
 
     def image(size):
@@ -419,10 +430,7 @@ def export_onnx(module: nn.Module,
     except ExportError:
         raise
     except Exception as error:
-        prefix = f'{KNN_EXPORT_FAILURE} ({len(knn)} such modules, e.g. {knn[0]}). ' if knn \
-            else ''
-        raise ExportError(f'{prefix}The exporter failed: {type(error).__name__}: '
-                          f'{error}') from error
+        raise ExportError(f'The exporter failed: {type(error).__name__}: {error}') from error
     graph = buffer.getvalue()
     sizes = [tuple(shape)]
     if dynamic:
@@ -434,9 +442,7 @@ def export_onnx(module: nn.Module,
                                output_names)
         worst = max(errors[size].values())
         if worst > RELATIVE_TOLERANCE:
-            if knn:
-                reason = f'{KNN_EXPORT_FAILURE} ({len(knn)} such modules, e.g. {knn[0]})'
-            elif size != sizes[0]:
+            if size != sizes[0]:
                 reason = ('the graph is specialised to the example size (sizes computed in '
                           'Python became constants); export once per input size without '
                           '--dynamic')
