@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 from mmengine.dist import all_gather_object, get_dist_info
-from mmengine.hooks import Hook
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.runner import IterBasedTrainLoop
 
@@ -43,6 +43,10 @@ def restore_random_states(states: Dict[str, Any]) -> None:
     torch.set_rng_state(states['torch'])
     if 'cuda' in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states['cuda'])
+
+
+def _checkpoint_hooks(runner) -> List[CheckpointHook]:
+    return [hook for hook in runner.hooks if isinstance(hook, CheckpointHook)]
 
 
 class _RestoreAfterReplay:
@@ -83,8 +87,11 @@ class RandomStateHook(Hook):
     - Saving: ``meta['random_states']`` holds one entry per rank, each with the Python,
       numpy, torch and (when CUDA is in use) CUDA generator states, stored as tensors, ints
       and tuples. Rank 0 alone writes checkpoints, so under distributed training the ranks
-      share their states after every training iteration (one ``all_gather_object`` of a few
-      kilobytes per rank, only when a process group is running).
+      share their states (one ``all_gather_object`` of a few kilobytes per rank) right
+      before each save that every rank can foresee: after the iterations and epochs at which
+      a ``CheckpointHook`` saves, and before each validation (which may save the best
+      checkpoint). A checkpoint saved at any other moment (by another hook) holds no states
+      rather than stale ones, and resuming from it warns.
     - Restoring: only when resuming (the run starts past iteration 0), on each rank its own
       entry, right before the first batch that was not trained yet is drawn: under
       :class:`~mmengine.runner.IterBasedTrainLoop` after mmengine's replay of the trained
@@ -108,19 +115,41 @@ class RandomStateHook(Hook):
     priority = 'LOW'  # after the other hooks of an iteration, before the checkpoint hook
 
     def __init__(self) -> None:
+        # Every rank's states, and the runner iteration at which they were gathered.
         self._all_ranks_states: Optional[List[Dict[str, Any]]] = None
+        self._gathered_at: Optional[int] = None
         self._states_before_val: Optional[Dict[str, Any]] = None
         self._loaded_states: Optional[Dict[str, Any]] = None
         self._unusable_checkpoint: Optional[str] = None  # why the loaded one holds none
 
+    def _gather(self, runner) -> None:
+        self._all_ranks_states = all_gather_object(capture_random_states())
+        self._gathered_at = runner.iter
+
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
                          outputs: Optional[dict] = None) -> None:
-        if get_dist_info()[1] > 1:
-            self._all_ranks_states = all_gather_object(capture_random_states())
+        if get_dist_info()[1] > 1 and any(
+                not hook.by_epoch and (hook.every_n_train_iters(runner, hook.interval,
+                                                                hook.save_begin)
+                                       or (hook.save_last and hook.is_last_train_iter(runner)))
+                for hook in _checkpoint_hooks(runner)):
+            self._gather(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        if get_dist_info()[1] > 1 and any(
+                hook.by_epoch and (hook.every_n_epochs(runner, hook.interval, hook.save_begin)
+                                   or (hook.save_last and hook.is_last_train_epoch(runner)))
+                for hook in _checkpoint_hooks(runner)):
+            self._gather(runner)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         if get_dist_info()[1] > 1:
-            states = self._all_ranks_states
+            states = self._all_ranks_states if self._gathered_at == runner.iter else None
+            if states is None:
+                print_log('RandomStateHook: this checkpoint is saved at a moment the ranks did '
+                          'not foresee, so it holds no random generator states; resuming from '
+                          'it draws other numbers than the interrupted run would have.',
+                          logger='current', level=logging.WARNING)
         else:
             # A checkpoint saved during validation (the best one) keeps the training states.
             states = [self._states_before_val or capture_random_states()]
@@ -161,6 +190,8 @@ class RandomStateHook(Hook):
 
     def before_val(self, runner) -> None:
         self._states_before_val = capture_random_states()
+        if get_dist_info()[1] > 1:
+            self._gather(runner)
 
     def after_val(self, runner) -> None:
         if self._states_before_val is not None:
