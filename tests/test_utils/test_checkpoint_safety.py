@@ -87,8 +87,9 @@ def test_resume_continues_with_optimizer_and_scheduler_state(trained, tmp_path):
     assert resumed.iter == 6
     scheduler = resumed.param_schedulers[0]
     assert scheduler.last_step == 6
-    # MultiStepLR dropped the lr by 10x at iteration 2, before the checkpoint was written.
-    assert resumed.optim_wrapper.get_lr()['lr'][0] == pytest.approx(0.001)
+    # MultiStepLR multiplied the lr by its gamma 0.1 at iteration 2, before the checkpoint was
+    # written, and never again: exactly that product (a restarted schedule would give 0.01).
+    assert resumed.optim_wrapper.get_lr()['lr'][0] == 0.01 * 0.1
 
 
 class _WritesFile:

@@ -5,6 +5,7 @@ import os.path as osp
 
 import pytest
 import tool_test_utils
+import torch
 
 from measure import (benchmark, build_model, count_parameters, load_model_spec, measure_complexity,
                      select_backbone)
@@ -246,7 +247,10 @@ def test_deform_conv_benchmark_compares_both_kernels_at_lit_sizes(tmp_path):
     assert [row['dtm'] for row in rows[:2]] == ['64->128 on 16x16'] * 2
     assert [row['dtm'] for row in rows[-2:]] == ['all DTMs'] * 2 and len(rows) == 8
     assert all(row['ratio'] > 0 and row['mmcv_ms'] > 0 for row in rows)
-    assert all(row['output'] < 1e-5 and row['grad_offset'] < 1e-5 for row in rows[:-2])
+    # The kernels differ by rounding only: within 64 float32 eps (7.6e-6) of the largest value
+    # (measured and bounded in test_dtm.py), while a wrong kernel differs by 1e-2 or more.
+    rounding = 64 * torch.finfo(torch.float32).eps
+    assert all(row['output'] <= rounding and row['grad_offset'] <= rounding for row in rows[:-2])
     assert json.loads(out.read_text())['rows'] == rows
 
 
