@@ -70,7 +70,7 @@ else
     wheel_dir="$CACHE_ROOT/wheels/mmcv-$MMCV_VERSION-$py_tag-torch$TORCH_VERSION-$flavour"
     wheel=$(ls "$wheel_dir"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
     if [ -z "$wheel" ]; then
-        step "compiling mmcv $MMCV_VERSION with ops for $flavour (about 15 minutes on 2 cores; cached in $wheel_dir)"
+        step "compiling mmcv $MMCV_VERSION with ops for $flavour (15 to 40 minutes on 2 cores; cached in $wheel_dir)"
         mkdir -p "$wheel_dir"
         build_dir=$(mktemp -d)
         MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${PIP[@]}" wheel --no-build-isolation --no-deps \
