@@ -156,4 +156,8 @@ def test_cuda_matches_cpu_under_autocast():
     with torch.autocast('cuda', dtype=torch.float16):
         got = dtm(x.cuda().requires_grad_())
     got.float().sum().backward()
+    # Autocast runs the offset convolution and the (GELU'd, normalised) output path in
+    # float16, unit roundoff 4.9e-4; torchvision's deform_conv2d itself autocasts to float32.
+    # Outputs of order 1 then carry a few float16 units; 1e-2 is 20 units. Not measured here
+    # (no GPU on the CI machine): where the test runs, tighten it to what it shows.
     torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2)
