@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 
+from .relative_position_attention import relative_position_attention
+
 
 @lru_cache(maxsize=16)
 def _relative_position_index(height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -33,16 +35,18 @@ class LITAttention(BaseModule):
     (``qkv``), computes softmax attention with the logits of :meth:`attention_logits`
     (scaled dot products plus the relative-position bias), attention dropout, the value
     product and the output projection (``proj``). Without a bias (LIT-Ti) this class runs
-    that in one ``F.scaled_dot_product_attention`` call; with the bias it does so while
-    autograd records nothing through it (inference, frozen stages). Subclasses may override
+    that in one ``F.scaled_dot_product_attention`` call; with the bias in
+    :func:`relative_position_attention`, which reads the bias from a strided view of the
+    resized table instead of gathering it per token pair. Subclasses may override
     :meth:`attention_logits` alone (e.g. to keep only the top-k logits per query) and reuse
     every parameter and state-dict key of this module; ``forward`` then materialises their
     logits and applies softmax to them, so logits of excluded pairs should be ``-inf``.
 
     Position information (LIT's Swin-style models) is a learned relative-position bias: a
     table of shape ((2h-1)(2w-1), heads) for a reference map of h x w tokens, resized
-    bicubically at run time to the (2H-1) x (2W-1) offsets of the actual H x W map, then
-    gathered per token pair. LIT-Ti uses absolute position embeddings instead (added by the
+    bicubically at run time to the (2H-1) x (2W-1) offsets of the actual H x W map
+    (:meth:`relative_position_table`; :meth:`relative_position_bias` gathers it per token
+    pair). LIT-Ti uses absolute position embeddings instead (added by the
     backbone) and builds this module with ``rel_pos_size=None``.
 
     Args:
@@ -93,8 +97,10 @@ class LITAttention(BaseModule):
         if self.init_cfg is not None:
             super().init_weights()
 
-    def relative_position_bias(self, hw_shape: Tuple[int, int]) -> torch.Tensor:
-        """Bias of shape (heads, H*W, H*W) for an H x W map, from the (resized) table."""
+    def relative_position_table(self, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """The table resized to the offsets of an H x W map: (heads, 2H-1, 2W-1); entry
+        ``[h, dy + H - 1, dx + W - 1]`` is head h's bias of a query dy rows below and dx
+        columns right of its key."""
         height, width = hw_shape
         ref_h, ref_w = self.rel_pos_size
         # Resized unconditionally: at the table's own size bicubic resampling is the identity
@@ -102,8 +108,12 @@ class LITAttention(BaseModule):
         # torch.compile recompile for each map that matches the table in one dimension.
         table = self.relative_position_bias_table.t()
         grid = table.reshape(1, self.num_heads, 2 * ref_h - 1, 2 * ref_w - 1)
-        grid = F.interpolate(grid, size=(2 * height - 1, 2 * width - 1), mode='bicubic')
-        per_head = grid.reshape(self.num_heads, -1)
+        return F.interpolate(grid, size=(2 * height - 1, 2 * width - 1), mode='bicubic')[0]
+
+    def relative_position_bias(self, hw_shape: Tuple[int, int]) -> torch.Tensor:
+        """Bias of shape (heads, H*W, H*W) for an H x W map, from the (resized) table."""
+        height, width = hw_shape
+        per_head = self.relative_position_table(hw_shape).reshape(self.num_heads, -1)
         # Gathering along the per-head rows writes each head's N x N block contiguously: 3x
         # faster on the CPU (measured at 32 x 32 tokens) than indexing the (T, heads) table
         # and permuting the result.
@@ -142,44 +152,22 @@ class LITAttention(BaseModule):
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads,
                                   channels // self.num_heads).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
-        if self._fusable(query):
-            bias = None
-            if self.relative_position_bias_table is not None:
-                bias = self.relative_position_bias(hw_shape).unsqueeze(0)
-            x = self._fused_attention(query, key, value, bias)
-        else:
+        dropout_p = self.attn_drop.p if self.training else 0.
+        if type(self).attention_logits is not LITAttention.attention_logits:
             attn = self.attention_logits(query, key, hw_shape).softmax(dim=-1)
             x = self.attn_drop(attn) @ value
+        elif self.relative_position_bias_table is None:
+            x = F.scaled_dot_product_attention(
+                query, key, value, dropout_p=dropout_p, scale=self.scale)
+        elif torch.onnx.is_in_onnx_export():
+            # The exporter has no symbolic for the strided view the fast path reads the bias
+            # from; the gathered bias exports as Gather.
+            x = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=self.relative_position_bias(hw_shape).unsqueeze(0),
+                scale=self.scale)
+        else:
+            x = relative_position_attention(query, key, value,
+                                            self.relative_position_table(hw_shape), self.scale,
+                                            dropout_p)
         x = x.transpose(1, 2).reshape(batch, num_tokens, channels)
         return self.proj_drop(self.proj(x))
-
-    def _fusable(self, query: torch.Tensor) -> bool:
-        """Whether :meth:`_fused_attention` computes this module's attention, and is the
-        faster way to (see there)."""
-        if type(self).attention_logits is not LITAttention.attention_logits:
-            return False
-        table = self.relative_position_bias_table
-        return table is None or not (torch.is_grad_enabled() and
-                                     (query.requires_grad or table.requires_grad))
-
-    def _fused_attention(self,
-                         query: torch.Tensor,
-                         key: torch.Tensor,
-                         value: torch.Tensor,
-                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``softmax(attention_logits) @ value`` in one fused kernel.
-
-        PyTorch's flash kernels (CPU and CUDA) never materialise the (B, heads, N, N)
-        weights, which makes them faster than the materialised softmax. With a
-        relative-position ``bias`` (added to the logits as a float mask) that holds for the
-        CPU's fused forward, but not for its backward, which is slower than the materialised
-        one in torch 2.12; so ``forward`` takes this path for biased attention only while
-        autograd records nothing through it.
-        """
-        return F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=bias,
-            dropout_p=self.attn_drop.p if self.training else 0.,
-            scale=self.scale)

@@ -1,0 +1,123 @@
+# Copyright (c) mmsparsevit contributors. All rights reserved.
+"""Softmax attention over all tokens of a map with a relative-position bias, keys reversed.
+
+Between query ``n = (y_n, x_n)`` and key ``m`` of an H x W map (row-major tokens) the bias is
+``table[y_n - y_m + H - 1, x_n - x_m + W - 1]``, one (2H-1) x (2W-1) table per head. Indexed
+by the reversed key ``m' = N - 1 - m`` (``y_m' = H - 1 - y_m``, ``x_m' = W - 1 - x_m``) it
+is ``table[y_n + y_m', x_n + x_m']``: a strided view of the table (every stride positive),
+so the bias needs neither an N x N index nor a gather, and the table's gradient sums the
+logit gradients over the same overlapping windows, which is ``F.fold``. Reversing keys and
+values together leaves the attention unchanged (up to the order of its sums).
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _map_shape(table: Tensor) -> Tuple[int, int]:
+    """(H, W) of the map whose offsets a (heads, 2H-1, 2W-1) table covers."""
+    return (table.shape[-2] + 1) // 2, (table.shape[-1] + 1) // 2
+
+
+def reversed_key_bias(table: Tensor) -> Tensor:
+    """The bias of every (query, reversed key) pair as a view of ``table``.
+
+    Args:
+        table (Tensor): Per-head offsets table of shape (heads, 2H-1, 2W-1).
+
+    Returns:
+        Tensor: View of shape (heads, H, W, H, W) whose entry ``[h, y, x, y', x']`` is the
+        bias between query ``(y, x)`` and key ``(H - 1 - y', W - 1 - x')``.
+    """
+    height, width = _map_shape(table)
+    heads_stride, row_stride, col_stride = table.stride()
+    return table.as_strided((table.shape[0], height, width, height, width),
+                            (heads_stride, row_stride, col_stride, row_stride, col_stride))
+
+
+class _ReversedKeyBiasedAttention(torch.autograd.Function):
+    """``softmax(scale * q k^T + bias) v`` for reversed keys, with one N x N buffer each way.
+
+    The bias is copied into the logit buffer and the product accumulated onto it; softmax
+    and its gradient then run in place, so forward allocates one (B, heads, N, N) tensor (the
+    probabilities, saved for backward) and backward one (the logit gradient). Autograd's
+    composition of the same operators allocates five, and on the CPU a fresh allocation of
+    that size is paid in page faults as well as in memory traffic.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, table: Tensor,
+                scale: float) -> Tensor:
+        batch, heads, num_tokens, head_dims = query.shape
+        height, width = _map_shape(table)
+        scaled_query = query * scale
+        probs = query.new_empty(batch, heads, num_tokens, num_tokens)
+        probs.view(batch, heads, height, width, height, width).copy_(reversed_key_bias(table))
+        probs.view(batch * heads, num_tokens, num_tokens).baddbmm_(
+            scaled_query.reshape(batch * heads, num_tokens, head_dims),
+            key.reshape(batch * heads, num_tokens, head_dims).transpose(1, 2))
+        torch.ops.aten._softmax.out(probs, -1, False, out=probs)
+        ctx.save_for_backward(scaled_query, key, value, probs)
+        ctx.scale = scale
+        ctx.table_size = tuple(table.shape[1:])
+        ctx.map_shape = (height, width)
+        return probs @ value
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        scaled_query, key, value, probs = ctx.saved_tensors
+        need_query, need_key, need_value, need_table = ctx.needs_input_grad[:4]
+        grad_value = probs.transpose(-2, -1) @ grad_out if need_value else None
+        grad_logits = grad_out @ value.transpose(-2, -1)
+        torch.ops.aten._softmax_backward_data.out(
+            grad_logits, probs, -1, probs.dtype, grad_input=grad_logits)
+        grad_query = (grad_logits @ key).mul_(ctx.scale) if need_query else None
+        grad_key = grad_logits.transpose(-2, -1) @ scaled_query if need_key else None
+        grad_table = None
+        if need_table:
+            _, heads, num_tokens, _ = probs.shape
+            per_head = grad_logits.sum(0) if grad_logits.shape[0] > 1 else grad_logits[0]
+            # fold adds the (y', x') block of query row n at offset (y_n, x_n) of the table:
+            # the adjoint of reversed_key_bias's view.
+            grad_table = F.fold(
+                per_head.reshape(1, heads * num_tokens, num_tokens), ctx.table_size,
+                ctx.map_shape).view(heads, *ctx.table_size)
+        return grad_query, grad_key, grad_value, grad_table, None
+
+
+def relative_position_attention(query: Tensor,
+                                key: Tensor,
+                                value: Tensor,
+                                table: Tensor,
+                                scale: float,
+                                dropout_p: float = 0.) -> Tensor:
+    """Softmax attention with the relative-position bias of ``table`` over an H x W map.
+
+    When autograd records the call without dropout or autocast, the attention runs in
+    :class:`_ReversedKeyBiasedAttention`; otherwise in ``F.scaled_dot_product_attention``
+    (fused, never materialising the weights) with the bias copied out of its view.
+
+    Args:
+        query, key, value (Tensor): (B, heads, N, head_dims), N = H * W tokens in row-major
+            order.
+        table (Tensor): (heads, 2H-1, 2W-1) bias per offset (dy + H - 1, dx + W - 1).
+        scale (float): Logit scale.
+        dropout_p (float): Dropout on the attention weights. Defaults to 0.
+
+    Returns:
+        Tensor: (B, heads, N, head_dims).
+    """
+    key, value = key.flip(-2), value.flip(-2)
+    device_type = query.device.type
+    autocast = (torch.amp.is_autocast_available(device_type)
+                and torch.is_autocast_enabled(device_type))
+    records_grad = torch.is_grad_enabled() and any(
+        tensor.requires_grad for tensor in (query, key, value, table))
+    if records_grad and dropout_p == 0 and not autocast:
+        return _ReversedKeyBiasedAttention.apply(query, key, value, table, scale)
+    num_tokens = query.shape[-2]
+    bias = reversed_key_bias(table).reshape(table.shape[0], num_tokens, num_tokens)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias.unsqueeze(0), dropout_p=dropout_p, scale=scale)
