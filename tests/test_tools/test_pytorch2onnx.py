@@ -115,11 +115,17 @@ def test_dynamic_export_of_kvt_swin_is_refused():
         export_onnx(build_backbone('kvt_swin'), SIZES[0], dynamic=True, check_shape=SIZES[1])
 
 
+def predict_image(size):
+    """The image the graphs are compared with ``model.predict`` on (another seed than the
+    export's own check)."""
+    return torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1)) * 255
+
+
 def _onnx_vs_predict(wrapper, size):
     """Export at ``size``; relative errors of the graph and of the PyTorch wrapper against
     ``model.predict`` on an image of that size."""
     graph, _ = export_onnx(wrapper, size)
-    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1)) * 255
+    image = predict_image(size)
     expected = predict_outputs(wrapper, image)
     with torch.no_grad():
         eager = [output.numpy() for output in wrapper(image)]
@@ -156,7 +162,7 @@ def test_detector_graph_detects_what_its_example_did_not():
         np.full(onnx.numpy_helper.to_array(bias).shape, -3.0, np.float32), bias.name))
     with torch.no_grad():
         model.bbox_head.retina_cls.bias.fill_(-3.0)
-    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1)) * 255
+    image = predict_image(size)
     expected = predict_outputs(wrapper, image)
     assert len(expected[0]) > 0
     against_onnx = compare(expected, run_onnx(graph.SerializeToString(), image))
