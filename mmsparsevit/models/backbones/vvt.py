@@ -5,6 +5,7 @@ import re
 from collections import OrderedDict
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
 from mmcv.cnn.bricks.transformer import PatchEmbed
@@ -47,8 +48,14 @@ class VVTFFN(BaseModule):
         # channels-last view of the (B, hidden, H, W) map, which oneDNN keeps channels-last
         # through the convolution and the activation: no layout copy on either side, and
         # oneDNN's channels-last depth-wise kernel instead of its slower channel-major one.
-        hidden = nlc_to_nchw(self.fc1(x), hw_shape)
-        hidden = self.act(self.dwconv(hidden))
+        hidden = self.dwconv(nlc_to_nchw(self.fc1(x), hw_shape))
+        if isinstance(self.act, nn.GELU) and not hidden.requires_grad:
+            # Where autograd keeps nothing, the activation overwrites the convolution's
+            # output: at stage 1 a fresh tensor of that size is larger than the allocator
+            # keeps cached, so each one costs a round of page faults.
+            hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
+        else:
+            hidden = self.act(hidden)
         return self.fc2(nchw_to_nlc(hidden))
 
 

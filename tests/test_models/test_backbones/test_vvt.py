@@ -5,6 +5,7 @@ independent transcription of the authors' model (OpenNLPLab/Vicinity-Vision-Tran
 classification/vvt.py) that shares no code with the backbone and uses their parameter names,
 so its state dict has the official checkpoint layout.
 """
+import copy
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,32 @@ def test_drop_path_rates_and_default_init():
     fc1 = model.stages[0].blocks[0].ffn.fc1
     assert fc1.bias.abs().sum() == 0 and 0.015 < fc1.weight.std() < 0.025
     assert torch.equal(model.stages[0].norm.weight, torch.ones(16))
+
+
+class OutOfPlaceGELU(nn.Module):
+    """GELU that is not an ``nn.GELU``: VVTFFN always applies it out of place."""
+
+    def __init__(self, approximate):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(x, approximate=self.approximate)
+
+
+@pytest.mark.parametrize('approximate', ['none', 'tanh'])
+def test_ffn_activation_in_place_only_where_autograd_keeps_nothing(approximate):
+    from mmsparsevit.models.backbones.vvt import VVTFFN
+    torch.manual_seed(0)
+    ffn = VVTFFN(8, 16, act_cfg=dict(type='GELU', approximate=approximate))
+    reference = copy.deepcopy(ffn)
+    reference.act = OutOfPlaceGELU(approximate)
+    x = torch.randn(2, 6 * 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x, (6, 5)), reference(x, (6, 5)), rtol=0, atol=0)
+    # With autograd recording, the activation's input must survive for its backward.
+    x.requires_grad_()
+    outputs = [model(x, (6, 5)) for model in (ffn, reference)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    grads = [torch.autograd.grad((out * out).sum(), x)[0] for out in outputs]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
