@@ -35,14 +35,18 @@ Example::
 this one process, forward alone (``no_grad``) and forward + backward, for every N of
 ``--sizes`` and every k of ``--topks``: per round one pass of each, the order alternating
 (``time_in_turns`` of ``measure.benchmark``), and the ratios are medians of the per-round
-ratios, which a drift of the machine's speed between rounds does not move::
+ratios, which a drift of the machine's speed between rounds does not move. Beside them, in the
+same turns, the *selection floor*: the logits and ``torch.topk``'s k-th largest logit per row
+in the same chunks, which any exact k-NN forward written with PyTorch's operators pays::
 
     python tools/analysis_tools/benchmark_knn_attention.py --interleaved --threads 2 \\
         --sizes 3136 12544 --topks 0.5 100 --batch-at 12544:1 --rounds-at 12544:3
 """
 import argparse
 import csv
+import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -56,7 +60,8 @@ import torch
 import torch.nn.functional as F
 
 from measure.benchmark import PeakMemoryProbe, time_in_turns
-from mmsparsevit.models.layers.knn_attention import knn_attention, resolve_topk
+from mmsparsevit.models.layers.knn_attention import (DEFAULT_CHUNK_ELEMENTS, knn_attention,
+                                                     resolve_topk)
 from transcriptions import mask_scatter_knn_attention
 
 METHODS = ('knn', 'mask_scatter', 'dense', 'sdpa')
@@ -82,6 +87,21 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    topk: int) -> torch.Tensor:
     """PyTorch's fused attention over all keys."""
     return F.scaled_dot_product_attention(query, key, value)
+
+
+def selection_floor(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk: int,
+                    chunk_size: Optional[int] = None) -> torch.Tensor:
+    """What any exact k-NN forward built from PyTorch operators must spend: the logits and the
+    k-th largest logit of every row (``torch.topk``), in ``knn_attention``'s query chunks;
+    no softmax, no product with the values."""
+    num_keys = key.shape[-2]
+    rows = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (math.prod(query.shape[:-2]) * num_keys))
+    scaled_query = query * query.shape[-1]**-0.5
+    thresholds = []
+    for start in range(0, query.shape[-2], rows):
+        logits = scaled_query[..., start:start + rows, :] @ key.transpose(-2, -1)
+        thresholds.append(torch.topk(logits, topk, dim=-1, sorted=False).values.amin(-1))
+    return torch.cat(thresholds, dim=-1)
 
 
 def build_method(name: str, chunk_size: Optional[int]) -> Callable:
@@ -273,8 +293,9 @@ def run_interleaved(args: argparse.Namespace) -> List[Dict]:
     device = torch.device(args.device)
     rows = []
     print('| N | batch | k | pass | knn ms | sdpa ms | authors ms | knn / sdpa | '
-          'authors / knn | rounds | max abs diff knn vs authors (out, grads) |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
+          'authors / knn | logits + topk ms (/ sdpa) | rounds | '
+          'max abs diff knn vs authors (out, grads) |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
     for size in args.sizes:
         batch = per_size(args.batch_at, size, args.batch)
         rounds = per_size(args.rounds_at, size, args.rounds)
@@ -290,11 +311,15 @@ def run_interleaved(args: argparse.Namespace) -> List[Dict]:
             diffs = [(a - b).abs().max().item() for a, b in zip(*outputs)]
             del outputs
             for kind in PASSES:
+                # The selection floor is a forward-only cost (backward reuses the forward's
+                # thresholds), timed in the same turns as the passes it bounds.
+                floor = functools.partial(selection_floor, chunk_size=args.chunk_size)
                 steps = [timed_pass(fn, inputs, grad_out, topk, args, device, kind)
                          for fn in methods]
+                steps.append(timed_pass(floor, inputs, grad_out, topk, args, device, 'forward'))
                 times = [seconds[args.warmup:] for seconds in
                          time_in_turns(steps, args.warmup + rounds)]
-                knn, sdpa, authors = times
+                knn, sdpa, authors, floor_times = times
                 row = dict(
                     n=size, batch=batch, topk=topk, pass_=kind, rounds=rounds,
                     knn_ms=1000 * statistics.median(knn),
@@ -302,14 +327,18 @@ def run_interleaved(args: argparse.Namespace) -> List[Dict]:
                     mask_scatter_ms=1000 * statistics.median(authors),
                     knn_over_sdpa=median_ratio(knn, sdpa),
                     mask_scatter_over_knn=median_ratio(authors, knn),
+                    selection_floor_ms=1000 * statistics.median(floor_times),
+                    selection_floor_over_sdpa=median_ratio(floor_times, sdpa),
                     round_ms={name: [1000 * t for t in seconds]
-                              for name, seconds in zip(INTERLEAVED_METHODS, times)},
+                              for name, seconds in zip(INTERLEAVED_METHODS +
+                                                       ('selection_floor', ), times)},
                     max_abs_diff_out=diffs[0], max_abs_diff_grad=max(diffs[1:]))
                 rows.append(row)
                 print(f"| {size} | {batch} | {topk} | {kind} | {row['knn_ms']:.1f} | "
                       f"{row['sdpa_ms']:.1f} | {row['mask_scatter_ms']:.1f} | "
                       f"{row['knn_over_sdpa']:.2f} | {row['mask_scatter_over_knn']:.2f} | "
-                      f"{rounds} | {diffs[0]:.1e}, {max(diffs[1:]):.1e} |", flush=True)
+                      f"{row['selection_floor_ms']:.1f} ({row['selection_floor_over_sdpa']:.2f})"
+                      f" | {rounds} | {diffs[0]:.1e}, {max(diffs[1:]):.1e} |", flush=True)
     return rows
 
 

@@ -45,6 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from mmengine.logging import print_log
 
+from .authors import build_authors_model
 from .flops import count_parameters
 from .model_builder import (build_model, forward_fn, load_model_spec, select_backbone, sum_outputs,
                             synthetic_batch)
@@ -53,6 +54,7 @@ from .pairs import build_pair
 MODES = ('inference', 'train')
 TIMERS = ('wall', 'cpu')
 IMPLEMENTATIONS = ('ours', 'plain')
+AUTHORS = 'authors'
 
 _TOOLS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _REPO_ROOT = os.path.dirname(os.path.dirname(_TOOLS_DIR))
@@ -80,10 +82,14 @@ class BenchmarkCase:
         label (str, optional): Name in the results. Defaults to the source.
         timer (str): 'wall' or 'cpu' (process CPU time; needs ``device='cpu'`` and
             ``threads=1``). Defaults to 'wall'.
-        implementation (str, optional): 'ours' or 'plain': measure ``backbone`` (a preset of
-            :mod:`measure.pairs`) as built for the comparison with
-            its plain transcription, or that transcription. Defaults to None (the model as
-            the config or preset builds it).
+        implementation (str, optional): 'ours', 'plain' or 'authors': measure ``backbone``
+            (a preset of :mod:`measure.pairs`) as built for the comparison with its plain
+            transcription, that transcription, or the authors' own model imported from the
+            checkout ``authors_repo`` with the transcription's weights
+            (:mod:`measure.authors`). Defaults to None (the model as the config or preset
+            builds it).
+        authors_repo (str, optional): Checkout of the authors' repository, for
+            ``implementation='authors'``. Defaults to None.
     """
     shape: Tuple[int, int]
     batch_size: int
@@ -99,6 +105,7 @@ class BenchmarkCase:
     label: Optional[str] = None
     timer: str = 'wall'
     implementation: Optional[str] = None
+    authors_repo: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.timer not in TIMERS:
@@ -107,11 +114,16 @@ class BenchmarkCase:
             raise ValueError('timer="cpu" measures process CPU time: it needs device="cpu" '
                              f'and threads=1, got device={self.device!r}, '
                              f'threads={self.threads!r}')
-        if self.implementation is not None and (self.implementation not in IMPLEMENTATIONS
+        implementations = IMPLEMENTATIONS + (AUTHORS, )
+        if self.implementation is not None and (self.implementation not in implementations
                                                 or self.backbone is None):
-            raise ValueError(f'implementation must be one of {IMPLEMENTATIONS} and needs a '
+            raise ValueError(f'implementation must be one of {implementations} and needs a '
                              f'backbone preset, got {self.implementation!r} with backbone '
                              f'{self.backbone!r}')
+        if (self.implementation == AUTHORS) != (self.authors_repo is not None):
+            raise ValueError('authors_repo is the checkout of implementation="authors" and '
+                             f'only of it, got implementation={self.implementation!r}, '
+                             f'authors_repo={self.authors_repo!r}')
         if self.mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {self.mode!r}')
         if self.repeats < 1 or self.warmup < 0:
@@ -220,6 +232,9 @@ class PeakMemoryProbe:
 
 
 def _build_case_model(case: BenchmarkCase) -> torch.nn.Module:
+    if case.implementation == AUTHORS:
+        plain = build_pair(case.backbone)[1]
+        return build_authors_model(case.backbone, case.authors_repo, plain.state_dict())
     if case.implementation is not None:
         return build_pair(case.backbone)[IMPLEMENTATIONS.index(case.implementation)]
     model_cfg, scope = load_model_spec(case.config, case.backbone, case.cfg_options)

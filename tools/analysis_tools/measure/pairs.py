@@ -23,10 +23,12 @@ def _vvt_pair(arch: str) -> Pair:
     return ours, plain
 
 
-def _lit_pair(arch: str) -> Pair:
-    # Tables and position embeddings made for 224² inputs, as in the ImageNet releases.
-    plain = PlainLITTi(arch, img=224) if arch == 'tiny' else PlainLIT(arch, table_img=224)
-    ours = LIT(arch=arch, pretrain_img_size=224, drop_path_rate=0.)
+def _lit_pair(arch: str, table_img: int = 224) -> Pair:
+    # Tables and position embeddings made for 224² inputs by default, as in the ImageNet
+    # releases; the authors' COCO backbones make theirs for 800².
+    plain = (PlainLITTi(arch, img=table_img)
+             if arch == 'tiny' else PlainLIT(arch, table_img=table_img))
+    ours = LIT(arch=arch, pretrain_img_size=table_img, drop_path_rate=0.)
     converted, _ = convert_lit_checkpoint(plain.state_dict())
     ours.load_state_dict(converted, strict=True)
     return ours, plain
@@ -46,6 +48,7 @@ TRANSCRIBED: Dict[str, Callable[[], Pair]] = {
     'lit-s': lambda: _lit_pair('small'),
     'lit-m': lambda: _lit_pair('medium'),
     'lit-b': lambda: _lit_pair('base'),
+    'lit-s-coco': lambda: _lit_pair('small', table_img=800),
     'kvt-swin-t': lambda: _kvt_pair('kvt-swin-t'),
     'kvt-pvtv2-b2': lambda: _kvt_pair('kvt-pvtv2-b2'),
 }
