@@ -46,7 +46,6 @@ import argparse
 import csv
 import functools
 import json
-import math
 import os
 import platform
 import statistics
@@ -60,8 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from measure.benchmark import PeakMemoryProbe, time_in_turns
-from mmsparsevit.models.layers.knn_attention import (DEFAULT_CHUNK_ELEMENTS, knn_attention,
-                                                     resolve_topk)
+from mmsparsevit.models.layers.knn_attention import default_chunk_rows, knn_attention, resolve_topk
 from transcriptions import mask_scatter_knn_attention
 
 METHODS = ('knn', 'mask_scatter', 'dense', 'sdpa')
@@ -94,8 +92,7 @@ def selection_floor(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """What any exact k-NN forward built from PyTorch operators must spend: the logits and the
     k-th largest logit of every row (``torch.topk``), in ``knn_attention``'s query chunks;
     no softmax, no product with the values."""
-    num_keys = key.shape[-2]
-    rows = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (math.prod(query.shape[:-2]) * num_keys))
+    rows = chunk_size or default_chunk_rows(query.shape, key.shape[-2])
     scaled_query = query * query.shape[-1]**-0.5
     thresholds = []
     for start in range(0, query.shape[-2], rows):
@@ -310,10 +307,10 @@ def run_interleaved(args: argparse.Namespace) -> List[Dict]:
                 outputs.append([out.detach().float()] + [t.grad.float() for t in inputs])
             diffs = [(a - b).abs().max().item() for a, b in zip(*outputs)]
             del outputs
+            # The selection floor is a forward-only cost (backward reuses the forward's
+            # thresholds), timed in the same turns as the passes it bounds.
+            floor = functools.partial(selection_floor, chunk_size=args.chunk_size)
             for kind in PASSES:
-                # The selection floor is a forward-only cost (backward reuses the forward's
-                # thresholds), timed in the same turns as the passes it bounds.
-                floor = functools.partial(selection_floor, chunk_size=args.chunk_size)
                 steps = [timed_pass(fn, inputs, grad_out, topk, args, device, kind)
                          for fn in methods]
                 steps.append(timed_pass(floor, inputs, grad_out, topk, args, device, 'forward'))

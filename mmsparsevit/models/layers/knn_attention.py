@@ -93,6 +93,13 @@ def _traced_key_count(fraction: float, num_keys: Union[int, Tensor]) -> Tensor:
     return count.clamp(min=1).minimum(keys).to(torch.int64)
 
 
+def default_chunk_rows(query_shape: Sequence[int], num_keys: int) -> int:
+    """Query rows per chunk when none is given: the most whose logits (over all leading
+    dims) fit in ``DEFAULT_CHUNK_ELEMENTS``, at least one."""
+    per_row = max(1, math.prod(query_shape[:-2]) * num_keys)
+    return max(1, DEFAULT_CHUNK_ELEMENTS // per_row)
+
+
 def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
     """Whether a tensor of ``shape`` broadcasts to ``target`` without changing it."""
     if len(shape) > len(target):
@@ -357,8 +364,7 @@ def knn_attention(query: Tensor,
             query, key, value, attn_mask=sdpa_mask, dropout_p=dropout_p, scale=scale)
 
     if chunk_size is None:
-        per_row = max(1, math.prod(query.shape[:-2]) * num_keys)
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // per_row)
+        chunk_size = default_chunk_rows(query.shape, num_keys)
     elif chunk_size <= 0:
         raise ValueError(f'chunk_size must be positive, got {chunk_size}')
     chunk_rows = min(int(chunk_size), query.shape[-2])
