@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from mmsparsevit.registry import MODELS
 from mmsparsevit.utils.state_dict import unwrap_state_dict
 from ..layers.checkpointed_block import CheckpointedBlock
+from ..layers.gelu_linear import gelu_linear
 from ..layers.shape_convert import nchw_to_nlc, nlc_to_nchw
 from ..layers.vicinity_attention import VicinityAttention
 from .base import ConvertedCheckpoint, SparseViTBackbone
@@ -49,13 +50,16 @@ class VVTFFN(BaseModule):
         # through the convolution and the activation: no layout copy on either side, and
         # oneDNN's channels-last depth-wise kernel instead of its slower channel-major one.
         hidden = self.dwconv(nlc_to_nchw(self.fc1(x), hw_shape))
-        if isinstance(self.act, nn.GELU) and not hidden.requires_grad:
-            # Where autograd keeps nothing, the activation overwrites the convolution's
-            # output: at stage 1 a fresh tensor of that size is larger than the allocator
-            # keeps cached, so each one costs a round of page faults.
-            hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
-        else:
-            hidden = self.act(hidden)
+        if not isinstance(self.act, nn.GELU):
+            return self.fc2(nchw_to_nlc(self.act(hidden)))
+        if hidden.requires_grad:
+            # Backward reuses the activation's storage for two of its gradients.
+            return gelu_linear(nchw_to_nlc(hidden), self.fc2.weight, self.fc2.bias,
+                               self.act.approximate)
+        # Where autograd keeps nothing, the activation overwrites the convolution's output:
+        # at stage 1 a fresh tensor of that size is larger than the allocator keeps cached,
+        # so each one costs a round of page faults.
+        hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
         return self.fc2(nchw_to_nlc(hidden))
 
 

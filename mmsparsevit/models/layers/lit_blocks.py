@@ -4,18 +4,35 @@ import copy
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.drop import build_dropout
 from mmcv.cnn.bricks.transformer import FFN
 
 from .checkpointed_block import CheckpointedBlock
+from .gelu_linear import gelu_linear
 from .lit_attention import LITAttention
+
+
+class _ResidualFFN(FFN):
+    """mmcv's two-layer FFN (its modules and state-dict keys) whose activation and second
+    linear run as :func:`gelu_linear` when nothing lies between them: a GELU, and no
+    dropout at work."""
+
+    def forward(self, x: torch.Tensor, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
+        (fc1, act, hidden_drop), fc2, out_drop = self.layers
+        dropout_at_work = self.training and (hidden_drop.p > 0 or out_drop.p > 0)
+        if (not isinstance(act, nn.GELU) or dropout_at_work
+                or not isinstance(self.gamma2, nn.Identity) or not self.add_identity):
+            return super().forward(x, identity)
+        out = gelu_linear(fc1(x), fc2.weight, fc2.bias, act.approximate)
+        return (x if identity is None else identity) + self.dropout_layer(out)
 
 
 def _residual_ffn(embed_dims: int, mlp_ratio: float, drop_rate: float, drop_path_rate: float,
                   act_cfg: dict) -> FFN:
     """Two-layer FFN that adds its input back through DropPath (the authors' ``Mlp``)."""
-    return FFN(
+    return _ResidualFFN(
         embed_dims=embed_dims,
         feedforward_channels=int(embed_dims * mlp_ratio),
         num_fcs=2,

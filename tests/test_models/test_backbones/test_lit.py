@@ -215,3 +215,24 @@ def test_documented_offset_lr_multiplier_reaches_exactly_the_offset_convs():
                   for p in group['params'])
     assert slow == sorted(f'stages.{i}.downsample.conv_offset.{p}' for i in (1, 2, 3)
                           for p in ('weight', 'bias'))
+
+
+@pytest.mark.parametrize('drop_rate', [0., 0.5])
+def test_ffn_runs_gelu_linear_unless_dropout_sits_between(drop_rate):
+    from mmcv.cnn.bricks.transformer import FFN
+
+    from mmsparsevit.models.layers.lit_blocks import LITMLPBlock
+    torch.manual_seed(0)
+    block = LITMLPBlock(8, mlp_ratio=2, drop_rate=drop_rate).train()
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    fused = block.ffn(block.norm(x), identity=x)
+    uses_gelu_linear = 'GELULinear' in type(fused.grad_fn.next_functions[1][0]).__name__
+    assert uses_gelu_linear == (drop_rate == 0)
+    if drop_rate:
+        return
+    plain = FFN.forward(block.ffn, block.norm(x), identity=x)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    params = (x, *block.parameters())
+    for got, expected in zip(torch.autograd.grad(fused.square().sum(), params),
+                             torch.autograd.grad(plain.square().sum(), params)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
