@@ -37,14 +37,46 @@ def reversed_key_bias(table: Tensor) -> Tensor:
                             (heads_stride, row_stride, col_stride, row_stride, col_stride))
 
 
+# Logit elements (over batch and heads) of one row chunk of the backward's softmax gradient;
+# 2**20 float32 values are 4 MiB, a buffer the allocator keeps for reuse.
+BACKWARD_CHUNK_ELEMENTS = 1 << 20
+
+
+def _softmax_input_grad_into_probs(grad_out: Tensor, value: Tensor, probs: Tensor) -> Tensor:
+    """The logits' gradient of ``probs @ value``, written over ``probs`` and returned.
+
+    Row chunk by row chunk: the probabilities' gradient ``grad_out @ value^T`` of a chunk,
+    then softmax's backward of it, which needs only that chunk's probabilities. No second
+    (B, heads, N, N) tensor is allocated.
+    """
+    batch, heads, num_tokens, head_dims = grad_out.shape
+    flat_probs = probs.view(batch * heads, num_tokens, num_tokens)
+    flat_grad = grad_out.reshape(batch * heads, num_tokens, head_dims)
+    value_t = value.reshape(batch * heads, num_tokens, head_dims).transpose(1, 2)
+    rows = max(1, BACKWARD_CHUNK_ELEMENTS // (batch * heads * num_tokens))
+    buffer = probs.new_empty(batch * heads * min(rows, num_tokens) * num_tokens)
+    for start in range(0, num_tokens, rows):
+        stop = min(start + rows, num_tokens)
+        chunk = buffer[:batch * heads * (stop - start) * num_tokens].view(
+            batch * heads, stop - start, num_tokens)
+        torch.bmm(flat_grad[:, start:stop], value_t, out=chunk)
+        chunk_probs = flat_probs[:, start:stop]
+        torch.ops.aten._softmax_backward_data.out(
+            chunk, chunk_probs, -1, probs.dtype, grad_input=chunk)
+        chunk_probs.copy_(chunk)
+    return probs
+
+
 class _ReversedKeyBiasedAttention(torch.autograd.Function):
     """``softmax(scale * q k^T + bias) v`` for reversed keys, with one N x N buffer each way.
 
     The bias is copied into the logit buffer and the product accumulated onto it; softmax
-    and its gradient then run in place, so forward allocates one (B, heads, N, N) tensor (the
-    probabilities, saved for backward) and backward one (the logit gradient). Autograd's
-    composition of the same operators allocates five, and on the CPU a fresh allocation of
-    that size is paid in page faults as well as in memory traffic.
+    then runs in place, so forward allocates one (B, heads, N, N) tensor (the probabilities,
+    saved for backward), and backward writes the logit gradient over the probabilities, row
+    chunk by row chunk, allocating none. Autograd's composition of the same operators
+    allocates five, and on the CPU a fresh allocation of that size is paid in page faults as
+    well as in memory traffic. A second backward through the same graph is refused by
+    autograd's in-place check (the probabilities are overwritten).
     """
 
     @staticmethod
@@ -70,9 +102,7 @@ class _ReversedKeyBiasedAttention(torch.autograd.Function):
         scaled_query, key, value, probs = ctx.saved_tensors
         need_query, need_key, need_value, need_table = ctx.needs_input_grad[:4]
         grad_value = probs.transpose(-2, -1) @ grad_out if need_value else None
-        grad_logits = grad_out @ value.transpose(-2, -1)
-        torch.ops.aten._softmax_backward_data.out(
-            grad_logits, probs, -1, probs.dtype, grad_input=grad_logits)
+        grad_logits = _softmax_input_grad_into_probs(grad_out, value, probs)
         grad_query = (grad_logits @ key).mul_(ctx.scale) if need_query else None
         grad_key = grad_logits.transpose(-2, -1) @ scaled_query if need_key else None
         grad_table = None

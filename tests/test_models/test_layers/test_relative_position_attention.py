@@ -46,11 +46,29 @@ def test_reversed_key_bias_is_the_bias_of_the_reversed_key():
     assert torch.equal(view.flip(-1), natural_bias(table, height, width))
 
 
-def test_autograd_function_passes_gradcheck():
+def test_autograd_function_refuses_a_second_backward():
+    """No gradcheck: it runs backward repeatedly through one graph, and backward writes the
+    logit gradient over the saved probabilities."""
     query, key, value, table = inputs(batch=2, height=2, width=3, head_dims=2)
-    assert torch.autograd.gradcheck(
-        lambda q, k, v, t: _ReversedKeyBiasedAttention.apply(q, k, v, t, 0.7),
-        (query, key, value, table))
+    out = _ReversedKeyBiasedAttention.apply(query, key, value, table, 0.7)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize('chunk_elements', [1, 2 * 3 * 12 * 5, 1 << 20])
+def test_backward_row_chunks_give_the_materialised_gradients(chunk_elements, monkeypatch):
+    """One query row per chunk, five rows (the last chunk shorter), all rows at once."""
+    from mmsparsevit.models.layers import relative_position_attention as module
+    monkeypatch.setattr(module, 'BACKWARD_CHUNK_ELEMENTS', chunk_elements)
+    query, key, value, table = inputs()
+    out = relative_position_attention(query, key, value, table, 0.4)
+    expected = materialised_attention(query, key, value, table, 0.4)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (query, key, value, table), grad_out)
+    expected_grads = torch.autograd.grad(expected, (query, key, value, table), grad_out)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('grad_enabled', [True, False])
