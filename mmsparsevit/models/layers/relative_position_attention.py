@@ -6,8 +6,9 @@ Between query ``n = (y_n, x_n)`` and key ``m`` of an H x W map (row-major tokens
 by the reversed key ``m' = N - 1 - m`` (``y_m' = H - 1 - y_m``, ``x_m' = W - 1 - x_m``) it
 is ``table[y_n + y_m', x_n + x_m']``: a strided view of the table (every stride positive),
 so the bias needs neither an N x N index nor a gather, and the table's gradient sums the
-logit gradients over the same overlapping windows, which is ``F.fold``. Reversing keys and
-values together leaves the attention unchanged (up to the order of its sums).
+logit gradients over the same overlapping windows (:func:`reversed_key_bias_adjoint`).
+Reversing keys and values together leaves the attention unchanged (up to the order of its
+sums).
 """
 from typing import Tuple
 
@@ -67,6 +68,33 @@ def _softmax_input_grad_into_probs(grad_out: Tensor, value: Tensor, probs: Tenso
     return probs
 
 
+def reversed_key_bias_adjoint(grad_bias: Tensor, map_shape: Tuple[int, int]) -> Tensor:
+    """The table's gradient from the gradient of :func:`reversed_key_bias`'s view.
+
+    Entry ``[h, a, b]`` sums ``grad_bias[h, (y, x), (y', x')]`` over ``y + y' = a`` and
+    ``x + x' = b``: first over the columns (one slice add per query column ``x``), then over
+    the rows of that (H, H, 2W-1) partial sum. ``F.fold`` computes the same sums, more
+    slowly on the CPU.
+
+    Args:
+        grad_bias (Tensor): (heads, N, N), query tokens by reversed key tokens, N = H * W.
+        map_shape (tuple[int, int]): (H, W).
+
+    Returns:
+        Tensor: (heads, 2H-1, 2W-1).
+    """
+    height, width = map_shape
+    heads = grad_bias.shape[0]
+    grad = grad_bias.view(heads, height, width, height, width)
+    over_columns = grad.new_zeros(heads, height, height, 2 * width - 1)
+    for column in range(width):
+        over_columns[..., column:column + width] += grad[:, :, column]
+    table_grad = grad.new_zeros(heads, 2 * height - 1, 2 * width - 1)
+    for row in range(height):
+        table_grad[:, row:row + height] += over_columns[:, row]
+    return table_grad
+
+
 class _ReversedKeyBiasedAttention(torch.autograd.Function):
     """``softmax(scale * q k^T + bias) v`` for reversed keys, with one N x N buffer each way.
 
@@ -93,7 +121,6 @@ class _ReversedKeyBiasedAttention(torch.autograd.Function):
         torch.ops.aten._softmax.out(probs, -1, False, out=probs)
         ctx.save_for_backward(scaled_query, key, value, probs)
         ctx.scale = scale
-        ctx.table_size = tuple(table.shape[1:])
         ctx.map_shape = (height, width)
         return probs @ value
 
@@ -107,13 +134,8 @@ class _ReversedKeyBiasedAttention(torch.autograd.Function):
         grad_key = grad_logits.transpose(-2, -1) @ scaled_query if need_key else None
         grad_table = None
         if need_table:
-            _, heads, num_tokens, _ = probs.shape
             per_head = grad_logits.sum(0) if grad_logits.shape[0] > 1 else grad_logits[0]
-            # fold adds the (y', x') block of query row n at offset (y_n, x_n) of the table:
-            # the adjoint of reversed_key_bias's view.
-            grad_table = F.fold(
-                per_head.reshape(1, heads * num_tokens, num_tokens), ctx.table_size,
-                ctx.map_shape).view(heads, *ctx.table_size)
+            grad_table = reversed_key_bias_adjoint(per_head, ctx.map_shape)
         return grad_query, grad_key, grad_value, grad_table, None
 
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mmsparsevit.models.layers.relative_position_attention import (
-    _ReversedKeyBiasedAttention, relative_position_attention, reversed_key_bias)
+    _ReversedKeyBiasedAttention, relative_position_attention, reversed_key_bias,
+    reversed_key_bias_adjoint)
 
 
 def natural_bias(table, height, width):
@@ -44,6 +45,21 @@ def test_reversed_key_bias_is_the_bias_of_the_reversed_key():
     view = view.reshape(3, 12, 12)
     # Reversing the key axis of the row-major tokens reverses both of its coordinates.
     assert torch.equal(view.flip(-1), natural_bias(table, height, width))
+
+
+@pytest.mark.parametrize('height, width', [(3, 4), (5, 2), (1, 6)])
+def test_adjoint_is_the_transpose_of_the_view(height, width):
+    """<view(table), G> = <table, adjoint(G)> for every table and G, and the adjoint equals
+    F.fold's sums over the same windows."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(3, 2 * height - 1, 2 * width - 1, generator=gen, dtype=torch.float64)
+    grad = torch.randn(3, height * width, height * width, generator=gen, dtype=torch.float64)
+    adjoint = reversed_key_bias_adjoint(grad, (height, width))
+    view = reversed_key_bias(table).reshape(3, height * width, height * width)
+    torch.testing.assert_close((view * grad).sum(), (table * adjoint).sum(), rtol=1e-13,
+                               atol=0)
+    folded = F.fold(grad.reshape(1, -1, height * width), table.shape[1:], (height, width))
+    torch.testing.assert_close(adjoint, folded.view_as(table), rtol=1e-13, atol=1e-13)
 
 
 def test_autograd_function_refuses_a_second_backward():
