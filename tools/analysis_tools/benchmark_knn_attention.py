@@ -37,7 +37,8 @@ this one process, forward alone (``no_grad``) and forward + backward, for every 
 (``time_in_turns`` of ``measure.benchmark``), and the ratios are medians of the per-round
 ratios, which a drift of the machine's speed between rounds does not move. Beside them, in the
 same turns, the *selection floor*: the logits and ``torch.topk``'s k-th largest logit per row
-in the same chunks, which any exact k-NN forward written with PyTorch's operators pays::
+in the same chunks, the least a forward that selects with ``torch.topk`` must spend (the
+cheapest exact selection measured; docs/model_zoo.md lists the others)::
 
     python tools/analysis_tools/benchmark_knn_attention.py --interleaved --threads 2 \\
         --sizes 3136 12544 --topks 0.5 100 --batch-at 12544:1 --rounds-at 12544:3
@@ -89,9 +90,9 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def selection_floor(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk: int,
                     chunk_size: Optional[int] = None) -> torch.Tensor:
-    """What any exact k-NN forward built from PyTorch operators must spend: the logits and the
-    k-th largest logit of every row (``torch.topk``), in ``knn_attention``'s query chunks;
-    no softmax, no product with the values."""
+    """What a k-NN forward that selects with ``torch.topk`` must spend: the logits and the
+    k-th largest logit of every row, in ``knn_attention``'s query chunks; no softmax, no
+    product with the values."""
     rows = chunk_size or default_chunk_rows(query.shape, key.shape[-2])
     scaled_query = query * query.shape[-1]**-0.5
     thresholds = []
